@@ -1,0 +1,1 @@
+fn main() { println!("{}", lb_userspace::EBPF_OBJ.len()); }
