@@ -6,6 +6,8 @@
 //! type serves both families. Fields that hold network byte order end in `_be`.
 #![no_std]
 
+pub mod csum;
+
 /// IP protocol numbers the data path understands.
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;

@@ -1,13 +1,165 @@
+//! xdplb's XDP programs: `xdp_edge` (edge NICs) and `xdp_pod` (host side of pod veths),
+//! two entry points over one linear path (`try_xdplb`), described in docs/architecture.md.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod forward;
+#[cfg(target_arch = "bpf")]
+mod lookup;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
+mod stats;
+
+#[cfg(target_arch = "bpf")]
 mod prog {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+    use crate::{
+        conntrack, forward, lookup,
+        maps::{IFACES, SCRATCH},
+        nat,
+        parse::{self, Parsed, Pkt, XDP_DROP, XDP_PASS, XDP_TX},
+        reject, stats,
+    };
+    use aya_ebpf::{macros::xdp, programs::XdpContext};
+    use aya_log_ebpf::debug;
+    use lb_common::{
+        NatEntry, IFACE_F_VETH, R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_FWD_PASS, R_FWD_REDIRECT,
+        R_PASS_CT_FULL, R_PASS_NOT_SERVICE, R_REJECT_NO_ENDPOINTS, R_RNAT_PASS, R_RNAT_REDIRECT,
+    };
+
+    /// Set to 1 at load time (`--debug`) to log one line per verdict through aya-log.
+    #[no_mangle]
+    static DEBUG: u8 = 0;
+
+    struct Verdict {
+        action: u32,
+        reason: u32,
+    }
+
+    const fn v(action: u32, reason: u32) -> Verdict {
+        Verdict { action, reason }
+    }
 
     #[xdp]
-    pub fn xdp_edge(_ctx: XdpContext) -> u32 {
-        xdp_action::XDP_PASS
+    pub fn xdp_edge(ctx: XdpContext) -> u32 {
+        run(&ctx)
+    }
+
+    #[xdp]
+    pub fn xdp_pod(ctx: XdpContext) -> u32 {
+        run(&ctx)
+    }
+
+    /// Counts exactly one reason per packet, whatever path decided it.
+    #[inline(always)]
+    fn run(ctx: &XdpContext) -> u32 {
+        let Verdict { action, reason } = try_xdplb(ctx);
+        stats::reason(reason);
+        // read_volatile: the loader patches DEBUG in .rodata; without it the compiler would
+        // fold the initial 0 and drop the logging.
+        if unsafe { core::ptr::read_volatile(&DEBUG) } != 0 {
+            debug!(ctx, "xdplb action={} reason={}", action, reason);
+        }
+        action
+    }
+
+    #[inline(always)]
+    fn try_xdplb(ctx: &XdpContext) -> Verdict {
+        let Some(p) = SCRATCH.get_ptr_mut(0) else {
+            // Unreachable: a one-slot per-CPU array always has slot 0.
+            return v(XDP_PASS, R_PASS_NOT_SERVICE);
+        };
+        let p = unsafe { &mut *p };
+        match parse::parse(ctx, p) {
+            Parsed::L4 => {}
+            Parsed::Verdict { action, reason } => return v(action, reason),
+            Parsed::IfVip { reason } => {
+                return if lookup::is_vip(&p.key.dst) {
+                    v(XDP_DROP, reason)
+                } else {
+                    v(XDP_PASS, R_PASS_NOT_SERVICE)
+                };
+            }
+        };
+        let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+        // No entry (e.g. BPF_PROG_TEST_RUN on loopback): an edge, not a veth, not generic.
+        p.in_flags = IFACES
+            .get_ptr(ifindex)
+            .map(|i| unsafe { (*i).flags })
+            .unwrap_or(0);
+        p.partial = p.in_flags & IFACE_F_VETH != 0 && nat::looks_partial(p);
+        let p = &*p;
+        let bytes = (ctx.data_end() - ctx.data()) as u64;
+
+        if let Some(e) = conntrack::reply(&p.key) {
+            return nat_and_forward(ctx, p, e, true, bytes, false);
+        }
+
+        let Some(svc) = lookup::service(&p.key.dst, p.key.dport_be, p.key.proto) else {
+            return v(XDP_PASS, R_PASS_NOT_SERVICE);
+        };
+        let (e, new_flow) = match conntrack::tracked(&p.key) {
+            Some(e) => (e, false),
+            None if svc.maglev_size == 0 => return refuse(ctx, p),
+            None => match conntrack::schedule(&p.key, &svc, p.v6) {
+                Ok(e) => (e, true),
+                Err(R_PASS_CT_FULL) => return v(XDP_PASS, R_PASS_CT_FULL),
+                Err(reason) => return v(XDP_DROP, reason),
+            },
+        };
+        nat_and_forward(ctx, p, e, false, bytes, new_flow)
+    }
+
+    /// Rewrites, counts and forwards a packet of a known flow (`reply`: backend to client).
+    #[inline(always)]
+    fn nat_and_forward(
+        ctx: &XdpContext,
+        p: &Pkt,
+        e: &NatEntry,
+        reply: bool,
+        bytes: u64,
+        new_flow: bool,
+    ) -> Verdict {
+        if nat::rewrite(ctx, p, e).is_err() {
+            // Unreachable: the parser checked these headers. Dropping is the safe answer
+            // to a possibly half-rewritten packet.
+            return v(XDP_DROP, R_DROP_BAD_L3);
+        }
+        stats::traffic(e.svc_id, e.backend_id, reply, bytes, new_flow);
+        let (action, redirected) = forward::forward(ctx, p, e);
+        let reason = match (reply, redirected) {
+            (false, false) => R_FWD_PASS,
+            (false, true) => R_FWD_REDIRECT,
+            (true, false) => R_RNAT_PASS,
+            (true, true) => R_RNAT_REDIRECT,
+        };
+        v(action, reason)
+    }
+
+    #[inline(always)]
+    fn refuse(ctx: &XdpContext, p: &Pkt) -> Verdict {
+        if !reject::answers(p) {
+            return v(XDP_DROP, R_DROP_NO_ENDPOINTS);
+        }
+        let built = if p.key.proto == lb_common::PROTO_TCP {
+            reject::tcp_rst(ctx, p)
+        } else {
+            reject::port_unreachable(ctx, p)
+        };
+        match built {
+            Ok(()) => v(XDP_TX, R_REJECT_NO_ENDPOINTS),
+            // The frame may be half reshaped: never let it continue.
+            Err(()) => v(XDP_DROP, R_DROP_NO_ENDPOINTS),
+        }
     }
 
     #[panic_handler]

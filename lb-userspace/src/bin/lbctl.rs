@@ -1,1 +1,73 @@
-fn main() {}
+//! lbctl: shows what xdplb's maps hold. Reads the maps pinned by lb-agent, so it works
+//! while the agent runs (and after it stopped, as long as the pins exist).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::{cli, maps::LbMaps};
+
+#[derive(Parser)]
+#[command(name = "lbctl", about = "Inspect xdplb's service, backend, flow and counter maps")]
+struct Args {
+    /// Where lb-agent pinned the maps.
+    #[arg(long, default_value = "/sys/fs/bpf/xdplb", global = true)]
+    pin_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Service ports with their frontends, endpoints and counters.
+    Services,
+    /// Endpoints (backends) with their pods and counters.
+    Backends,
+    /// Tracked connections (client → frontend → backend).
+    Flows {
+        /// Show at most this many flows.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Packets per verdict reason and traffic per service.
+    Stats,
+}
+
+fn print<T: serde::Serialize>(out: Output, v: &T, table: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    match out {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Output::Table => print!("{}", table(v)),
+    }
+    Ok(())
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let maps = LbMaps::open_pinned(&args.pin_dir).with_context(|| {
+        format!(
+            "opening xdplb's maps under {} (is lb-agent running with this --pin-dir?)",
+            args.pin_dir.display()
+        )
+    })?;
+    match args.cmd {
+        Cmd::Services => print(args.output, &cli::services(&maps)?, |v| cli::render_services(v)),
+        Cmd::Backends => print(args.output, &cli::backends(&maps)?, |v| cli::render_backends(v)),
+        Cmd::Flows { limit } => print(args.output, &cli::flows(&maps, limit)?, |v| cli::render_flows(v)),
+        Cmd::Stats => print(args.output, &cli::stats(&maps)?, cli::render_stats),
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("lbctl: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,133 @@
+//! After NAT: redirect straight out of the FIB's egress interface when that is safe,
+//! otherwise hand the rewritten packet to the kernel stack.
+
+use crate::{
+    maps::{FIB_SCRATCH, IFACES},
+    parse::{be16, be16_bytes, be32, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Pkt, XDP_PASS},
+};
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, xdp_action::XDP_REDIRECT},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    programs::XdpContext,
+    EbpfContext,
+};
+use core::mem::size_of;
+use lb_common::{csum::replace16, NatEntry, IFACE_F_GENERIC, IFACE_F_REDIRECT_OK};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_be(be32([a[0], a[1], a[2], a[3]])),
+        u32::from_be(be32([a[4], a[5], a[6], a[7]])),
+        u32::from_be(be32([a[8], a[9], a[10], a[11]])),
+        u32::from_be(be32([a[12], a[13], a[14], a[15]])),
+    ]
+}
+
+/// Returns `true` if the packet was redirected (the action is then XDP_REDIRECT's), `false`
+/// if it goes to the stack.
+// Not inlined: a separate stack frame; inlined, the program exceeded LLVM's 512-byte BPF
+// stack limit.
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> (u32, bool) {
+    let pass = (XDP_PASS, false);
+    // The FIB's egress is an untagged device; re-tagging is not implemented, so tagged
+    // packets are routed by the kernel.
+    if p.vlan {
+        return pass;
+    }
+    // In a per-CPU map rather than on the stack: zeroing it there became a call to
+    // `memset` (a loop in a BPF subprogram), whatever form the zeroing took.
+    let Some(fib) = FIB_SCRATCH.get_ptr_mut(0) else {
+        return pass;
+    };
+    let fib = unsafe { &mut *fib };
+    // Every input field is set: the slot holds the previous packet's lookup.
+    fib.l4_protocol = p.key.proto;
+    fib.sport = e.new_sport_be;
+    fib.dport = e.new_dport_be;
+    fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    fib.__bindgen_anon_2.flowinfo = 0;
+    fib.__bindgen_anon_5.tbid = 0;
+    if p.v6 {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, p.l3()) else {
+            return pass;
+        };
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_1.tot_len = be16(unsafe { (*ip).payload_len }) + 40;
+        fib.__bindgen_anon_3.ipv6_src = words(&e.new_src);
+        fib.__bindgen_anon_4.ipv6_dst = words(&e.new_dst);
+    } else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, p.l3()) else {
+            return pass;
+        };
+        fib.family = AF_INET;
+        fib.__bindgen_anon_1.tot_len = be16(unsafe { (*ip).tot_len });
+        fib.__bindgen_anon_3.ipv6_src = [0, 0, 0, words(&e.new_src)[3]];
+        fib.__bindgen_anon_4.ipv6_dst = [0, 0, 0, words(&e.new_dst)[3]];
+        fib.__bindgen_anon_3.ipv4_src = words(&e.new_src)[3];
+        fib.__bindgen_anon_4.ipv4_dst = words(&e.new_dst)[3];
+    }
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            fib as *mut bpf_fib_lookup,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return pass;
+    }
+    let egress = fib.ifindex;
+    let egress_flags = IFACES
+        .get_ptr(egress)
+        .map(|i| unsafe { (*i).flags })
+        .unwrap_or(0);
+    // Generic (skb) mode keeps the skb and its checksum state through the redirect. From
+    // native XDP only complete checksums may leave, and only into interfaces whose
+    // receivers deliver xdp_frames.
+    let ok = p.in_flags & IFACE_F_GENERIC != 0
+        || (!p.partial && egress_flags & IFACE_F_REDIRECT_OK != 0);
+    if !ok {
+        return pass;
+    }
+    // Decrement TTL / hop limit as a router does; a packet about to expire goes to the
+    // stack, which sends the ICMP time-exceeded.
+    if p.v6 {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, p.l3()) else {
+            return pass;
+        };
+        let ip = unsafe { &mut *ip };
+        if ip.hop <= 1 {
+            return pass;
+        }
+        ip.hop -= 1;
+    } else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, p.l3()) else {
+            return pass;
+        };
+        let ip = unsafe { &mut *ip };
+        if ip.ttl <= 1 {
+            return pass;
+        }
+        let old = be16([ip.ttl, ip.proto]);
+        ip.ttl -= 1;
+        let new = be16([ip.ttl, ip.proto]);
+        ip.csum = be16_bytes(replace16(be16(ip.csum), old, new));
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return pass;
+    };
+    unsafe {
+        // copy_nonoverlapping: the assignment became a call to `memmove`.
+        core::ptr::copy_nonoverlapping(fib.dmac.as_ptr(), (*eth).dst.as_mut_ptr(), 6);
+        core::ptr::copy_nonoverlapping(fib.smac.as_ptr(), (*eth).src.as_mut_ptr(), 6);
+    }
+    let action = unsafe { bpf_redirect(egress, 0) } as u32;
+    (action, action == XDP_REDIRECT)
+}

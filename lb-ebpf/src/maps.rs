@@ -1,0 +1,65 @@
+//! Every map of the data path, in one place. Each is pinned by name (`PinningType::ByName`)
+//! so a restarted agent that loads the object with the same pin directory reuses them:
+//! services, backends and live flows survive the restart. Names and capacities come from
+//! lb-common; `#[map(name = ...)]` needs a literal, so the fixture tests check that every
+//! name in `lb_common::ALL_MAPS` exists in the object.
+
+use crate::parse::Pkt;
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counters, FlowKey, IfaceInfo, NameMeta, NatEntry, ServiceKey, ServiceValue, VipInfo,
+    MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_FRONTENDS, MAX_IFACES, MAX_SERVICES, MAX_VIPS,
+    NUM_REASONS,
+};
+
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_FRONTENDS, 0);
+
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<[u8; 16], VipInfo> = HashMap::pinned(MAX_VIPS, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, 0);
+
+#[map(name = "CT")]
+pub static CT: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+#[map(name = "RNAT")]
+pub static RNAT: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_FLOWS, 0);
+
+#[map(name = "SVC_STATS")]
+pub static SVC_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "BE_STATS")]
+pub static BE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "REASONS")]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_REASONS, 0);
+
+#[map(name = "IFACES")]
+pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(MAX_IFACES, 0);
+
+// Only user space reads these; they are defined here so that every map of the project is
+// created (and pinned) by loading the object.
+#[map(name = "SVC_META")]
+pub static SVC_META: HashMap<u32, NameMeta> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "BE_META")]
+pub static BE_META: HashMap<u32, NameMeta> = HashMap::pinned(MAX_BACKENDS, 0);
+
+/// Per-packet working state of the program (one slot per CPU, not pinned: it is no state
+/// worth keeping). It lives here because on the stack it pushed the program past the
+/// 512-byte BPF stack limit.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<Pkt> = PerCpuArray::with_max_entries(1, 0);
+
+/// bpf_fib_lookup parameters, per CPU, for the same reason as SCRATCH.
+#[map(name = "FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);

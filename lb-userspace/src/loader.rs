@@ -1,0 +1,756 @@
+//! Loading the XDP object with pinned maps, attaching the programs to interfaces, and
+//! keeping IFACES in step with what is attached.
+//!
+//! Interfaces are listed with `if_nameindex(3)` and inspected with ioctls, both of which
+//! answer for the calling thread's network namespace. `/sys/class/net` is avoided on
+//! purpose: it describes the namespace of whoever mounted sysfs, which is not ours when the
+//! agent is started with `nsenter --net` (as it must be to share the node's bpffs).
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+
+use aya::programs::{Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{
+    IfaceInfo, ALL_MAPS, IFACE_F_GENERIC, IFACE_F_REDIRECT_OK, IFACE_F_VETH, IFACE_ROLE_EDGE,
+    IFACE_ROLE_POD, PROG_EDGE, PROG_POD,
+};
+
+use crate::maps::{Ifaces, LbMaps, MapError};
+
+/// Where bpffs is expected.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdplb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("reading /proc/mounts")]
+    ReadMounts(#[source] std::io::Error),
+    #[error("mounting bpffs at {}", path.display())]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating pin directory {}", path.display())]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the BPF object (pin directory {})", pin_dir.display())]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {program} is not in the BPF object")]
+    MissingProgram { program: &'static str },
+    #[error("program {program}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("interface {name} does not exist")]
+    NoSuchInterface { name: String },
+    #[error("attaching {program} to {iface} (ifindex {ifindex}) in {mode:?} mode")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        ifindex: u32,
+        mode: XdpMode,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("invalid interface pattern {pattern:?}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: glob::PatternError,
+    },
+    #[error("aya-log")]
+    Log(#[source] aya_log::Error),
+}
+
+/// Is `path` a bpffs mount point according to /proc/mounts?
+pub fn is_bpffs(path: &Path) -> Result<bool, LoaderError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(LoaderError::ReadMounts)?;
+    let want = path.to_string_lossy();
+    Ok(mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_dev, mnt, fstype) = (f.next(), f.next(), f.next());
+        mnt == Some(&*want) && fstype == Some("bpf")
+    }))
+}
+
+/// Mounts bpffs at `path` unless it is mounted there. Returns true if it mounted it.
+pub fn ensure_bpffs(path: &Path) -> Result<bool, LoaderError> {
+    if is_bpffs(path)? {
+        return Ok(false);
+    }
+    let err = |source| LoaderError::MountBpffs {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    let target = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call;
+    // bpffs takes no mount data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(true)
+}
+
+/// A loaded object: its programs, the maps the reconciler uses and IFACES.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub maps: LbMaps,
+    pub ifaces: Ifaces,
+    /// Present with `debug`: forwards the programs' aya-log records to `log` (and so to
+    /// tracing); call `flush` when its fd is readable.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Mounts bpffs if needed, creates `pin_dir` and loads `obj` with every map pinned under
+/// it: maps already pinned there (a previous agent's) are reused, so live flows, services
+/// and counters survive a restart.
+pub fn load(obj: &[u8], pin_dir: &Path, debug: bool) -> Result<Loaded, LoaderError> {
+    ensure_bpffs(Path::new(BPFFS))?;
+    std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    let debug_flag: u8 = debug.into();
+    let mut loader = EbpfLoader::new();
+    loader
+        .default_map_pin_directory(pin_dir)
+        .override_global("DEBUG", &debug_flag, true);
+    // Pin every map by name even if its definition forgot `pinned`: an unpinned map would
+    // silently lose its contents on restart.
+    for name in ALL_MAPS {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    let mut ebpf = loader.load(obj).map_err(|source| LoaderError::Load {
+        pin_dir: pin_dir.to_owned(),
+        source: Box::new(source),
+    })?;
+    let logger = if debug {
+        Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(LoaderError::Log)?)
+    } else {
+        None
+    };
+    for program in [PROG_EDGE, PROG_POD] {
+        xdp_mut(&mut ebpf, program)?
+            .load()
+            .map_err(|source| LoaderError::Program {
+                program,
+                source: Box::new(source),
+            })?;
+    }
+    let maps = LbMaps::from_ebpf(&mut ebpf)?;
+    let ifaces = Ifaces::from_ebpf(&mut ebpf)?;
+    Ok(Loaded {
+        ebpf,
+        maps,
+        ifaces,
+        logger,
+    })
+}
+
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut Xdp, LoaderError> {
+    ebpf.program_mut(program)
+        .ok_or(LoaderError::MissingProgram { program })?
+        .try_into()
+        .map_err(|source| LoaderError::Program {
+            program,
+            source: Box::new(source),
+        })
+}
+
+/// `--xdp-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ModeChoice {
+    /// Native on edge interfaces (generic if the driver refuses), generic on pod veths.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// The interface's kind as the ethtool driver name says (`veth`, `virtio_net`, ...).
+pub fn driver_name(iface: &str) -> std::io::Result<String> {
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        // struct ifreq's union is 24 bytes on 64-bit targets.
+        _pad: [u8; 16],
+    }
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    // SAFETY: plain-old-data structs; all-zero is a valid value for both.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours; `req` points at `info`, both live until the call returns.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req as *mut IfReq) };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(e);
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// Every interface of the current network namespace: name → ifindex.
+pub fn list_interfaces() -> std::io::Result<BTreeMap<String, u32>> {
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, or NULL.
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = BTreeMap::new();
+    let mut p = head;
+    // SAFETY: walking the array up to its terminator; freed once below.
+    unsafe {
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+            out.insert(name, (*p).if_index);
+            p = p.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    Ok(out)
+}
+
+/// What the watcher did to one interface.
+#[derive(Debug)]
+pub enum IfaceEvent {
+    Attached {
+        name: String,
+        ifindex: u32,
+        role: u32,
+        mode: XdpMode,
+        flags: u32,
+        /// Native was refused and generic used instead (auto mode on an edge interface).
+        fell_back: Option<String>,
+    },
+    /// Gone (or renumbered): its link and IFACES entry were dropped.
+    Forgotten { name: String, ifindex: u32 },
+    /// Attaching failed; not retried until the interface is recreated.
+    Failed { name: String, error: LoaderError },
+}
+
+struct Attached {
+    ifindex: u32,
+    program: &'static str,
+    link: aya::programs::xdp::XdpLinkId,
+    role: u32,
+    mode: XdpMode,
+}
+
+/// Attaches `xdp_edge` to the edge interfaces and `xdp_pod` to interfaces matching the pod
+/// patterns, keeps IFACES equal to what is attached, and follows interfaces coming and
+/// going ([`Attacher::sync`]).
+pub struct Attacher {
+    ebpf: Ebpf,
+    ifaces: Ifaces,
+    mode: ModeChoice,
+    edge: Vec<String>,
+    pod: Vec<glob::Pattern>,
+    attached: BTreeMap<String, Attached>,
+    /// (name, ifindex) that failed to attach: not retried every poll.
+    failed: BTreeMap<String, u32>,
+}
+
+impl Attacher {
+    pub fn new(
+        ebpf: Ebpf,
+        ifaces: Ifaces,
+        edge: Vec<String>,
+        pod_patterns: &[String],
+        mode: ModeChoice,
+    ) -> Result<Self, LoaderError> {
+        let pod = pod_patterns
+            .iter()
+            .map(|p| {
+                glob::Pattern::new(p).map_err(|source| LoaderError::Pattern {
+                    pattern: p.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            ebpf,
+            ifaces,
+            mode,
+            edge,
+            pod,
+            attached: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        })
+    }
+
+    /// The first sync: every edge interface must exist and attach; IFACES entries left by
+    /// a previous agent for interfaces not attached now are removed.
+    pub fn start(&mut self) -> Result<Vec<IfaceEvent>, LoaderError> {
+        let present = list_interfaces().map_err(|e| LoaderError::NoSuchInterface {
+            name: format!("<listing interfaces: {e}>"),
+        })?;
+        for e in &self.edge {
+            if !present.contains_key(e) {
+                return Err(LoaderError::NoSuchInterface { name: e.clone() });
+            }
+        }
+        let mut events = Vec::new();
+        for ev in self.sync_with(&present) {
+            match ev {
+                IfaceEvent::Failed { name, error } if self.edge.contains(&name) => {
+                    // Leave no IFACES entries behind for the interfaces attached so far.
+                    if let Err(e) = self.detach_all() {
+                        tracing::warn!("cleaning up after a failed start: {}", error_chain(&e));
+                    }
+                    return Err(error);
+                }
+                ev => events.push(ev),
+            }
+        }
+        let ours: Vec<u32> = self.attached.values().map(|a| a.ifindex).collect();
+        for e in self.ifaces.list()? {
+            if !ours.contains(&e.ifindex) {
+                self.ifaces.remove(e.ifindex)?;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Attaches newly appeared matching interfaces and forgets vanished ones.
+    pub fn sync(&mut self) -> Vec<IfaceEvent> {
+        match list_interfaces() {
+            Ok(present) => self.sync_with(&present),
+            Err(e) => vec![IfaceEvent::Failed {
+                name: "<all>".into(),
+                error: LoaderError::NoSuchInterface {
+                    name: format!("<listing interfaces: {e}>"),
+                },
+            }],
+        }
+    }
+
+    fn role_of(&self, name: &str) -> Option<u32> {
+        if self.edge.iter().any(|e| e == name) {
+            Some(IFACE_ROLE_EDGE)
+        } else if self.pod.iter().any(|p| p.matches(name)) {
+            Some(IFACE_ROLE_POD)
+        } else {
+            None
+        }
+    }
+
+    fn sync_with(&mut self, present: &BTreeMap<String, u32>) -> Vec<IfaceEvent> {
+        let mut events = Vec::new();
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(n, a)| present.get(*n) != Some(&a.ifindex))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            if let Some(a) = self.attached.remove(&name) {
+                let ifindex = a.ifindex;
+                self.drop_link(a);
+                if let Err(e) = self.ifaces.remove(ifindex) {
+                    events.push(IfaceEvent::Failed {
+                        name: name.clone(),
+                        error: e.into(),
+                    });
+                }
+                events.push(IfaceEvent::Forgotten { name, ifindex });
+            }
+        }
+        self.failed.retain(|n, idx| present.get(n) == Some(idx));
+        for (name, &ifindex) in present {
+            if self.attached.contains_key(name) || self.failed.get(name) == Some(&ifindex) {
+                continue;
+            }
+            let Some(role) = self.role_of(name) else {
+                continue;
+            };
+            match self.attach(name, ifindex, role) {
+                Ok(ev) => events.push(ev),
+                Err(error) => {
+                    self.failed.insert(name.clone(), ifindex);
+                    events.push(IfaceEvent::Failed {
+                        name: name.clone(),
+                        error,
+                    });
+                }
+            }
+        }
+        events
+    }
+
+    fn attach(&mut self, name: &str, ifindex: u32, role: u32) -> Result<IfaceEvent, LoaderError> {
+        let program = if role == IFACE_ROLE_EDGE {
+            PROG_EDGE
+        } else {
+            PROG_POD
+        };
+        let veth = driver_name(name).is_ok_and(|d| d == "veth");
+        let first = match (self.mode, role) {
+            (ModeChoice::Generic, _) => XdpMode::Skb,
+            (ModeChoice::Native, _) => XdpMode::Driver,
+            // Pod veths get generic XDP so XDP_TX and redirects out of them keep the skb
+            // path (see docs/architecture.md, "when redirecting is safe").
+            (ModeChoice::Auto, r) if r == IFACE_ROLE_POD => XdpMode::Skb,
+            (ModeChoice::Auto, _) => XdpMode::Driver,
+        };
+        let flags_for = |mode: XdpMode| {
+            let mut f = 0;
+            if veth {
+                f |= IFACE_F_VETH;
+            }
+            if mode == XdpMode::Skb {
+                f |= IFACE_F_GENERIC;
+            }
+            if role == IFACE_ROLE_EDGE && mode == XdpMode::Driver {
+                f |= IFACE_F_REDIRECT_OK;
+            }
+            f
+        };
+        // IFACES first: the program must never run on an interface it has no entry for.
+        self.ifaces.set(
+            ifindex,
+            IfaceInfo {
+                role,
+                flags: flags_for(first),
+            },
+        )?;
+        let mut fell_back = None;
+        let mut mode = first;
+        let res = xdp_mut(&mut self.ebpf, program)?.attach_to_if_index(ifindex, first);
+        let link = match res {
+            Ok(l) => l,
+            Err(e) if self.mode == ModeChoice::Auto && first == XdpMode::Driver => {
+                fell_back = Some(error_chain(&e));
+                mode = XdpMode::Skb;
+                self.ifaces.set(
+                    ifindex,
+                    IfaceInfo {
+                        role,
+                        flags: flags_for(mode),
+                    },
+                )?;
+                match xdp_mut(&mut self.ebpf, program)?.attach_to_if_index(ifindex, mode) {
+                    Ok(l) => l,
+                    Err(source) => {
+                        let _ = self.ifaces.remove(ifindex);
+                        return Err(LoaderError::Attach {
+                            program,
+                            iface: name.to_owned(),
+                            ifindex,
+                            mode,
+                            source: Box::new(source),
+                        });
+                    }
+                }
+            }
+            Err(source) => {
+                let _ = self.ifaces.remove(ifindex);
+                return Err(LoaderError::Attach {
+                    program,
+                    iface: name.to_owned(),
+                    ifindex,
+                    mode,
+                    source: Box::new(source),
+                });
+            }
+        };
+        self.attached.insert(
+            name.to_owned(),
+            Attached {
+                ifindex,
+                program,
+                link,
+                role,
+                mode,
+            },
+        );
+        Ok(IfaceEvent::Attached {
+            name: name.to_owned(),
+            ifindex,
+            role,
+            mode,
+            flags: flags_for(mode),
+            fell_back,
+        })
+    }
+
+    fn drop_link(&mut self, a: Attached) {
+        if let Ok(p) = xdp_mut(&mut self.ebpf, a.program) {
+            // The link of a deleted interface is already gone in the kernel; detaching it
+            // only releases our handle, so an error here says nothing useful.
+            if let Err(e) = p.detach(a.link) {
+                tracing::debug!(ifindex = a.ifindex, error = %error_chain(&e), "detach");
+            }
+        }
+    }
+
+    /// `name (ifindex, role, mode)` of every attached interface.
+    pub fn attached(&self) -> Vec<String> {
+        self.attached
+            .iter()
+            .map(|(n, a)| {
+                format!(
+                    "{n} ({}, {})",
+                    if a.role == IFACE_ROLE_EDGE {
+                        "edge"
+                    } else {
+                        "pod"
+                    },
+                    if a.mode == XdpMode::Skb {
+                        "generic"
+                    } else {
+                        "native"
+                    }
+                )
+            })
+            .collect()
+    }
+
+    /// Detaches every program and removes the IFACES entries; the maps stay pinned.
+    pub fn detach_all(&mut self) -> Result<(), LoaderError> {
+        let all = std::mem::take(&mut self.attached);
+        let mut first_err = None;
+        for (_, a) in all {
+            if let Ok(p) = xdp_mut(&mut self.ebpf, a.program) {
+                if let Err(source) = p.detach(a.link) {
+                    first_err.get_or_insert(LoaderError::Program {
+                        program: a.program,
+                        source: Box::new(source),
+                    });
+                }
+            }
+            if let Err(e) = self.ifaces.remove(a.ifindex) {
+                first_err.get_or_insert(e.into());
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_listed_and_not_a_veth() {
+        let ifs = list_interfaces().expect("if_nameindex");
+        assert_eq!(ifs.get("lo"), Some(&1));
+        let d = driver_name("lo");
+        assert!(
+            !matches!(d.as_deref(), Ok("veth")),
+            "lo reported as veth: {d:?}"
+        );
+    }
+
+    #[test]
+    fn missing_interface_has_no_driver() {
+        assert!(driver_name("xdplb-nosuch0").is_err());
+    }
+
+    /// A network namespace of this test's own, deleted with its interfaces on drop.
+    struct Netns(String);
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn ip(args: &[&str]) -> anyhow::Result<()> {
+        let st = std::process::Command::new("ip").args(args).status()?;
+        anyhow::ensure!(st.success(), "ip {args:?}: {st}");
+        Ok(())
+    }
+
+    /// Moves the calling thread into the namespace (setns affects this thread only).
+    fn enter(ns: &str) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        // SAFETY: setns on an fd we own; CLONE_NEWNET switches only this thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        anyhow::ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+
+    fn entry(ifaces: &Ifaces, ifindex: u32) -> anyhow::Result<Option<(u32, u32)>> {
+        Ok(ifaces
+            .list()?
+            .into_iter()
+            .find(|e| e.ifindex == ifindex)
+            .map(|e| (e.role, e.flags)))
+    }
+
+    /// Root only: attaches in a namespace of its own and checks IFACES after each step.
+    #[test]
+    fn attaches_by_role_and_follows_pod_interfaces() -> anyhow::Result<()> {
+        let name = format!("xdplb-ld-{}", std::process::id());
+        let pin = PinDir(PathBuf::from(format!("/sys/fs/bpf/{name}")));
+        ip(&["netns", "add", &name])?;
+        let _ns = Netns(name.clone());
+        ip(&[
+            "-n", &name, "link", "add", "e0", "type", "veth", "peer", "name", "p-e0",
+        ])?;
+        ip(&["-n", &name, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n", &name, "link", "add", "lxc1", "type", "veth", "peer", "name", "p-lxc1",
+        ])?;
+        for dev in ["e0", "p-e0", "br0", "lxc1", "p-lxc1"] {
+            ip(&["-n", &name, "link", "set", dev, "up"])?;
+        }
+
+        let ns = name.clone();
+        let pin_dir = pin.0.clone();
+        // A thread of its own, so the test harness' thread never changes namespace.
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            enter(&ns)?;
+            let loaded = load(crate::EBPF_OBJ, &pin_dir, false)?;
+            let reader = Ifaces::open_pinned(&pin_dir)?;
+            let mut att = Attacher::new(
+                loaded.ebpf,
+                loaded.ifaces,
+                vec!["e0".into(), "br0".into()],
+                &["lxc*".into()],
+                ModeChoice::Auto,
+            )?;
+            let events = att.start()?;
+            assert_eq!(events.len(), 3, "{events:?}");
+            let idx = list_interfaces()?;
+            let e0 = idx["e0"];
+            let br0 = idx["br0"];
+            let lxc1 = idx["lxc1"];
+            assert_eq!(
+                entry(&reader, e0)?,
+                Some((IFACE_ROLE_EDGE, IFACE_F_VETH | IFACE_F_REDIRECT_OK)),
+                "veth edge: native"
+            );
+            assert_eq!(
+                entry(&reader, br0)?,
+                Some((IFACE_ROLE_EDGE, IFACE_F_GENERIC)),
+                "a bridge refuses native XDP: generic, not a veth, no redirects into it"
+            );
+            assert_eq!(
+                entry(&reader, lxc1)?,
+                Some((IFACE_ROLE_POD, IFACE_F_VETH | IFACE_F_GENERIC)),
+            );
+            assert!(idx.contains_key("p-lxc1") && entry(&reader, idx["p-lxc1"])?.is_none());
+
+            ip(&[
+                "link", "add", "lxc2", "type", "veth", "peer", "name", "p-lxc2",
+            ])?;
+            let ev = att.sync();
+            assert!(
+                matches!(ev.as_slice(), [IfaceEvent::Attached { name, .. }] if name == "lxc2"),
+                "{ev:?}"
+            );
+            let lxc2 = list_interfaces()?["lxc2"];
+            assert!(entry(&reader, lxc2)?.is_some());
+
+            ip(&["link", "del", "lxc1"])?;
+            let ev = att.sync();
+            assert!(
+                matches!(ev.as_slice(), [IfaceEvent::Forgotten { name, .. }] if name == "lxc1"),
+                "{ev:?}"
+            );
+            assert!(entry(&reader, lxc1)?.is_none());
+            assert!(att.sync().is_empty(), "nothing changed");
+
+            att.detach_all()?;
+            assert!(reader.list()?.is_empty(), "IFACES emptied on detach");
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("test thread panicked"))??;
+        // Detached for real: no XDP program left on any interface.
+        let out = std::process::Command::new("ip")
+            .args(["-n", &name, "-d", "link", "show"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("prog/xdp"), "{text}");
+        Ok(())
+    }
+}

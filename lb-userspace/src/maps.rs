@@ -1,0 +1,729 @@
+//! Access to xdplb's BPF maps through aya: opened from a freshly loaded object (the agent)
+//! or from the pins under the pin directory (`lbctl`, while the agent runs). Implements the
+//! reconciler's [`MapWriter`] and the read helpers lbctl shows.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::Ebpf;
+use lb_common::{
+    is_v4_mapped, v4_mapped, Backend, Counters, FlowKey, IfaceInfo, NameMeta, NatEntry, ServiceKey,
+    ServiceValue, VipInfo, BACKEND_F_ACTIVE, MAP_BACKENDS, MAP_BE_META, MAP_BE_STATS, MAP_CT,
+    MAP_IFACES, MAP_MAGLEV, MAP_REASONS, MAP_RNAT, MAP_SERVICES, MAP_SVC_META, MAP_SVC_STATS,
+    MAP_VIPS, NUM_REASONS, REASON_NAMES,
+};
+
+use crate::reconciler::{MapSnapshot, MapWriter};
+
+/// A failed map operation, naming the map and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("map {map} is not in the loaded BPF object")]
+    Missing { map: &'static str },
+    #[error("opening pinned map {}", path.display())]
+    OpenPinned {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("map {map} has another type or key/value size than lb-common says")]
+    Layout {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("{op} {map}[{key}]")]
+    Op {
+        op: &'static str,
+        map: &'static str,
+        key: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    /// Used by writers that are not backed by the kernel (tests, dry runs).
+    #[error("{op} {map}[{key}]: {reason}")]
+    Rejected {
+        op: &'static str,
+        map: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+fn op_err(
+    op: &'static str,
+    map: &'static str,
+    key: impl ToString,
+) -> impl FnOnce(aya::maps::MapError) -> MapError {
+    let key = key.to_string();
+    move |source| MapError::Op {
+        op,
+        map,
+        key,
+        source: Box::new(source),
+    }
+}
+
+/// 16-byte map address (IPv4-mapped for IPv4) from an address.
+pub fn addr_to_map(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4_mapped(v4.octets()),
+            None => v6.octets(),
+        },
+    }
+}
+
+/// The address a 16-byte map address stands for (IPv4-mapped shown as IPv4).
+pub fn addr_from_map(a: &[u8; 16]) -> IpAddr {
+    if is_v4_mapped(a) {
+        IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    }
+}
+
+fn sock(a: &[u8; 16], port_be: u16) -> SocketAddr {
+    SocketAddr::new(addr_from_map(a), u16::from_be(port_be))
+}
+
+fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
+    v.iter().fold(Counters::default(), |mut s, c| {
+        s.fwd_packets += c.fwd_packets;
+        s.fwd_bytes += c.fwd_bytes;
+        s.rev_packets += c.rev_packets;
+        s.rev_bytes += c.rev_bytes;
+        s.new_flows += c.new_flows;
+        s
+    })
+}
+
+/// One frontend of a service port, as lbctl shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FrontendInfo {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+    pub maglev_offset: u32,
+    pub maglev_size: u32,
+    pub flags: u32,
+}
+
+/// A service port: its name (SVC_META), frontends (SERVICES) and counters summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceInfo {
+    pub svc_id: u32,
+    /// `None` when SVC_META has no entry (an inconsistent or foreign map).
+    pub name: Option<String>,
+    pub frontends: Vec<FrontendInfo>,
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    pub new_flows: u64,
+}
+
+/// An active backend with its name (BE_META) and counters summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BackendInfo {
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub name: Option<String>,
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    pub new_flows: u64,
+}
+
+/// A tracked flow (a CT entry): client → VIP as sent, and what it is rewritten to.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FlowInfo {
+    pub proto: u8,
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    /// Destination after DNAT (the backend).
+    pub backend: SocketAddr,
+    /// Source after NAT: the client, or the VIP for hairpin flows (`NAT_F_SNAT`).
+    pub new_src: SocketAddr,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was created.
+    pub created_ns: u64,
+}
+
+/// An interface the programs are attached to (IFACES).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct IfaceEntry {
+    pub ifindex: u32,
+    pub role: u32,
+    pub flags: u32,
+}
+
+/// The maps the agent writes and lbctl reads. IFACES is kept apart ([`Ifaces`]) because the
+/// interface watcher owns it while the reconciler owns these.
+pub struct LbMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    vips: HashMap<MapData, [u8; 16], VipInfo>,
+    backends: Array<MapData, Backend>,
+    maglev: Array<MapData, u32>,
+    ct: HashMap<MapData, FlowKey, NatEntry>,
+    rnat: HashMap<MapData, FlowKey, NatEntry>,
+    svc_stats: PerCpuArray<MapData, Counters>,
+    be_stats: PerCpuArray<MapData, Counters>,
+    reasons: PerCpuArray<MapData, u64>,
+    svc_meta: HashMap<MapData, u32, NameMeta>,
+    be_meta: HashMap<MapData, u32, NameMeta>,
+}
+
+/// The IFACES map: ifindex → role and flags.
+pub struct Ifaces {
+    map: HashMap<MapData, u32, IfaceInfo>,
+}
+
+/// Where the maps come from: a loaded object (moved out of it) or a pin directory.
+trait MapSource {
+    fn open<T>(&mut self, name: &'static str) -> Result<T, MapError>
+    where
+        T: TryFrom<Map, Error = aya::maps::MapError>;
+}
+
+struct FromEbpf<'a>(&'a mut Ebpf);
+
+impl MapSource for FromEbpf<'_> {
+    fn open<T>(&mut self, name: &'static str) -> Result<T, MapError>
+    where
+        T: TryFrom<Map, Error = aya::maps::MapError>,
+    {
+        let map = self
+            .0
+            .take_map(name)
+            .ok_or(MapError::Missing { map: name })?;
+        T::try_from(map).map_err(|source| MapError::Layout {
+            map: name,
+            source: Box::new(source),
+        })
+    }
+}
+
+struct FromPins<'a>(&'a Path);
+
+impl MapSource for FromPins<'_> {
+    fn open<T>(&mut self, name: &'static str) -> Result<T, MapError>
+    where
+        T: TryFrom<Map, Error = aya::maps::MapError>,
+    {
+        let path = self.0.join(name);
+        let data = MapData::from_pin(&path).map_err(|source| MapError::OpenPinned {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        let map = Map::from_map_data(data).map_err(|source| MapError::Layout {
+            map: name,
+            source: Box::new(source),
+        })?;
+        T::try_from(map).map_err(|source| MapError::Layout {
+            map: name,
+            source: Box::new(source),
+        })
+    }
+}
+
+impl LbMaps {
+    fn open_from(src: &mut impl MapSource) -> Result<Self, MapError> {
+        Ok(Self {
+            services: src.open(MAP_SERVICES)?,
+            vips: src.open(MAP_VIPS)?,
+            backends: src.open(MAP_BACKENDS)?,
+            maglev: src.open(MAP_MAGLEV)?,
+            ct: src.open(MAP_CT)?,
+            rnat: src.open(MAP_RNAT)?,
+            svc_stats: src.open(MAP_SVC_STATS)?,
+            be_stats: src.open(MAP_BE_STATS)?,
+            reasons: src.open(MAP_REASONS)?,
+            svc_meta: src.open(MAP_SVC_META)?,
+            be_meta: src.open(MAP_BE_META)?,
+        })
+    }
+
+    /// Takes the maps out of a loaded object (the programs keep their references).
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapError> {
+        Self::open_from(&mut FromEbpf(ebpf))
+    }
+
+    /// Opens the maps pinned under `pin_dir` (e.g. `/sys/fs/bpf/xdplb`).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapError> {
+        Self::open_from(&mut FromPins(pin_dir))
+    }
+
+    /// Service ports sorted by name (unnamed ones last, by id).
+    pub fn list_services(&self) -> Result<Vec<ServiceInfo>, MapError> {
+        let mut by_id: std::collections::BTreeMap<u32, ServiceInfo> = Default::default();
+        for r in self.services.iter() {
+            let (k, v) = r.map_err(op_err("iterate", MAP_SERVICES, "*"))?;
+            let e = by_id.entry(v.svc_id).or_insert_with(|| ServiceInfo {
+                svc_id: v.svc_id,
+                name: None,
+                frontends: Vec::new(),
+                fwd_packets: 0,
+                fwd_bytes: 0,
+                rev_packets: 0,
+                rev_bytes: 0,
+                new_flows: 0,
+            });
+            e.frontends.push(FrontendInfo {
+                addr: addr_from_map(&k.addr),
+                port: u16::from_be(k.port_be),
+                proto: k.proto,
+                maglev_offset: v.maglev_offset,
+                maglev_size: v.maglev_size,
+                flags: v.flags,
+            });
+        }
+        for e in by_id.values_mut() {
+            e.frontends.sort_by_key(|f| (f.addr, f.port, f.proto));
+            e.name = match self.svc_meta.get(&e.svc_id, 0) {
+                Ok(m) => Some(m.as_str().to_owned()),
+                Err(aya::maps::MapError::KeyNotFound) => None,
+                Err(source) => return Err(op_err("get", MAP_SVC_META, e.svc_id)(source)),
+            };
+            if e.svc_id < self.svc_stats.len() {
+                let c = self.svc_stats.get(&e.svc_id, 0).map_err(op_err(
+                    "get",
+                    MAP_SVC_STATS,
+                    e.svc_id,
+                ))?;
+                let c = sum_counters(&c);
+                e.fwd_packets = c.fwd_packets;
+                e.fwd_bytes = c.fwd_bytes;
+                e.rev_packets = c.rev_packets;
+                e.rev_bytes = c.rev_bytes;
+                e.new_flows = c.new_flows;
+            }
+        }
+        let mut out: Vec<ServiceInfo> = by_id.into_values().collect();
+        out.sort_by(|a, b| {
+            (a.name.is_none(), &a.name, a.svc_id).cmp(&(b.name.is_none(), &b.name, b.svc_id))
+        });
+        Ok(out)
+    }
+
+    /// Active backends by id.
+    pub fn list_backends(&self) -> Result<Vec<BackendInfo>, MapError> {
+        let mut out = Vec::new();
+        for (id, b) in self.active_backends()? {
+            let name = match self.be_meta.get(&id, 0) {
+                Ok(m) => Some(m.as_str().to_owned()),
+                Err(aya::maps::MapError::KeyNotFound) => None,
+                Err(source) => return Err(op_err("get", MAP_BE_META, id)(source)),
+            };
+            let c = if id < self.be_stats.len() {
+                sum_counters(
+                    &self
+                        .be_stats
+                        .get(&id, 0)
+                        .map_err(op_err("get", MAP_BE_STATS, id))?,
+                )
+            } else {
+                Counters::default()
+            };
+            out.push(BackendInfo {
+                id,
+                addr: sock(&b.addr, b.port_be),
+                name,
+                fwd_packets: c.fwd_packets,
+                fwd_bytes: c.fwd_bytes,
+                rev_packets: c.rev_packets,
+                rev_bytes: c.rev_bytes,
+                new_flows: c.new_flows,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Tracked flows (CT), at most `limit`, in the map's iteration order.
+    pub fn list_flows(&self, limit: usize) -> Result<Vec<FlowInfo>, MapError> {
+        let mut out = Vec::new();
+        for r in self.ct.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, n) = match r {
+                Ok(kv) => kv,
+                // An LRU entry can be evicted between the key walk and the lookup.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(source) => return Err(op_err("iterate", MAP_CT, "*")(source)),
+            };
+            out.push(FlowInfo {
+                proto: k.proto,
+                client: sock(&k.src, k.sport_be),
+                vip: sock(&k.dst, k.dport_be),
+                backend: sock(&n.new_dst, n.new_dport_be),
+                new_src: sock(&n.new_src, n.new_sport_be),
+                backend_id: n.backend_id,
+                svc_id: n.svc_id,
+                flags: n.flags,
+                created_ns: n.created_ns,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of reply-direction (RNAT) entries.
+    pub fn count_rnat(&self) -> Result<usize, MapError> {
+        let mut n = 0;
+        for k in self.rnat.keys() {
+            match k {
+                Ok(_) => n += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(op_err("iterate", MAP_RNAT, "*")(source)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Every verdict reason with its packet count summed over CPUs, in `R_*` order.
+    pub fn reasons(&self) -> Result<Vec<(&'static str, u64)>, MapError> {
+        let mut out = Vec::with_capacity(NUM_REASONS as usize);
+        for (i, name) in REASON_NAMES.iter().enumerate() {
+            let i = i as u32;
+            let n = if i < self.reasons.len() {
+                self.reasons
+                    .get(&i, 0)
+                    .map_err(op_err("get", MAP_REASONS, i))?
+                    .iter()
+                    .sum()
+            } else {
+                0
+            };
+            out.push((*name, n));
+        }
+        Ok(out)
+    }
+
+    /// Reads the whole MAGLEV range of one table (for lbctl and tests).
+    pub fn maglev_range(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
+        (offset..offset.saturating_add(len))
+            .map(|i| self.maglev.get(&i, 0).map_err(op_err("get", MAP_MAGLEV, i)))
+            .collect()
+    }
+
+    fn active_backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
+        let mut out = Vec::new();
+        for (i, r) in self.backends.iter().enumerate() {
+            let b = r.map_err(op_err("get", MAP_BACKENDS, i))?;
+            if b.flags & BACKEND_F_ACTIVE != 0 {
+                out.push((i as u32, b));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn hash_entries<K: aya::Pod, V: aya::Pod>(
+    m: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapError> {
+    m.iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(op_err("iterate", name, "*"))
+}
+
+impl MapWriter for LbMaps {
+    fn snapshot(&self) -> Result<MapSnapshot, MapError> {
+        Ok(MapSnapshot {
+            services: hash_entries(&self.services, MAP_SERVICES)?,
+            vips: hash_entries(&self.vips, MAP_VIPS)?,
+            backends: self.active_backends()?,
+            svc_meta: hash_entries(&self.svc_meta, MAP_SVC_META)?,
+            be_meta: hash_entries(&self.be_meta, MAP_BE_META)?,
+        })
+    }
+
+    fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
+        self.maglev_range(offset, len)
+    }
+
+    fn put_backend(&mut self, id: u32, b: &Backend, meta: &NameMeta) -> Result<(), MapError> {
+        // Meta first: lbctl may show a backend without a name, never a name without one.
+        self.be_meta
+            .insert(id, meta, 0)
+            .map_err(op_err("insert", MAP_BE_META, id))?;
+        self.backends
+            .set(id, b, 0)
+            .map_err(op_err("set", MAP_BACKENDS, id))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.backends
+            .set(id, Backend::default(), 0)
+            .map_err(op_err("set", MAP_BACKENDS, id))?;
+        match self.be_meta.remove(&id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(op_err("delete", MAP_BE_META, id)(source)),
+        }
+    }
+
+    fn put_maglev(&mut self, offset: u32, slots: &[u32]) -> Result<(), MapError> {
+        for (i, id) in slots.iter().enumerate() {
+            let slot = offset + i as u32;
+            self.maglev
+                .set(slot, id, 0)
+                .map_err(op_err("set", MAP_MAGLEV, slot))?;
+        }
+        Ok(())
+    }
+
+    fn put_frontend(&mut self, key: &ServiceKey, v: &ServiceValue) -> Result<(), MapError> {
+        self.services
+            .insert(key, v, 0)
+            .map_err(op_err("insert", MAP_SERVICES, fmt_key(key)))
+    }
+
+    fn delete_frontend(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(op_err("delete", MAP_SERVICES, fmt_key(key))(source)),
+        }
+    }
+
+    fn put_vip(&mut self, addr: &[u8; 16], v: &VipInfo) -> Result<(), MapError> {
+        self.vips
+            .insert(addr, v, 0)
+            .map_err(op_err("insert", MAP_VIPS, addr_from_map(addr)))
+    }
+
+    fn delete_vip(&mut self, addr: &[u8; 16]) -> Result<(), MapError> {
+        match self.vips.remove(addr) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(op_err("delete", MAP_VIPS, addr_from_map(addr))(source)),
+        }
+    }
+
+    fn put_svc_meta(&mut self, svc_id: u32, m: &NameMeta) -> Result<(), MapError> {
+        self.svc_meta
+            .insert(svc_id, m, 0)
+            .map_err(op_err("insert", MAP_SVC_META, svc_id))
+    }
+
+    fn delete_svc_meta(&mut self, svc_id: u32) -> Result<(), MapError> {
+        match self.svc_meta.remove(&svc_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(op_err("delete", MAP_SVC_META, svc_id)(source)),
+        }
+    }
+}
+
+/// `198.18.0.10:80/6` style key for error messages.
+pub fn fmt_key(k: &ServiceKey) -> String {
+    format!("{}/{}", sock(&k.addr, k.port_be), k.proto)
+}
+
+impl Ifaces {
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapError> {
+        Ok(Self {
+            map: FromEbpf(ebpf).open(MAP_IFACES)?,
+        })
+    }
+
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapError> {
+        Ok(Self {
+            map: FromPins(pin_dir).open(MAP_IFACES)?,
+        })
+    }
+
+    pub fn set(&mut self, ifindex: u32, info: IfaceInfo) -> Result<(), MapError> {
+        self.map
+            .insert(ifindex, info, 0)
+            .map_err(op_err("insert", MAP_IFACES, ifindex))
+    }
+
+    pub fn remove(&mut self, ifindex: u32) -> Result<(), MapError> {
+        match self.map.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(op_err("delete", MAP_IFACES, ifindex)(source)),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<IfaceEntry>, MapError> {
+        let mut out: Vec<IfaceEntry> = hash_entries(&self.map, MAP_IFACES)?
+            .into_iter()
+            .map(|(ifindex, i)| IfaceEntry {
+                ifindex,
+                role: i.role,
+                flags: i.flags,
+            })
+            .collect();
+        out.sort_by_key(|e| e.ifindex);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_the_map_form() {
+        let v4: IpAddr = "198.18.0.1".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:198.18.0.1".parse().unwrap();
+        assert_eq!(addr_from_map(&addr_to_map(v4)), v4);
+        assert_eq!(addr_from_map(&addr_to_map(v6)), v6);
+        assert_eq!(addr_to_map(mapped), addr_to_map(v4));
+        assert!(is_v4_mapped(&addr_to_map(v4)));
+        assert!(!is_v4_mapped(&addr_to_map(v6)));
+    }
+}
+
+/// Against the kernel (root): the real object, maps pinned in a directory of their own.
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+    use crate::model::{
+        DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePortId, ServicePortState,
+    };
+    use crate::reconciler::Reconciler;
+    use anyhow::Context as _;
+
+    /// Removes the pin directory (and so the maps) however the test ends.
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn desired() -> DesiredState {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("test address") };
+        let mut d = DesiredState::default();
+        d.services.insert(
+            ServicePortId {
+                namespace: "shop".into(),
+                name: "web".into(),
+                port_name: "http".into(),
+                protocol: Protocol::Tcp,
+            },
+            ServicePortState {
+                frontends: vec![
+                    Frontend {
+                        addr: ip("198.18.100.10"),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                        kind: FrontendKind::ClusterIp,
+                    },
+                    Frontend {
+                        addr: ip("2001:db8:100::10"),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                        kind: FrontendKind::ClusterIp,
+                    },
+                ],
+                endpoints: vec![
+                    Endpoint {
+                        addr: ip("198.18.1.1"),
+                        port: 8080,
+                        target: Some("shop/web-0".into()),
+                    },
+                    Endpoint {
+                        addr: ip("198.18.1.2"),
+                        port: 8080,
+                        target: None,
+                    },
+                    Endpoint {
+                        addr: ip("2001:db8:1::1"),
+                        port: 8080,
+                        target: Some("shop/web-0".into()),
+                    },
+                ],
+            },
+        );
+        d
+    }
+
+    #[test]
+    fn reconciled_maps_read_back_and_a_reload_adopts_them_without_writes() -> anyhow::Result<()> {
+        let dir = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/xdplb-test-maps-{}",
+            std::process::id()
+        )));
+        let d = desired();
+
+        let loaded = crate::loader::load(crate::EBPF_OBJ, &dir.0, false).context("load")?;
+        let mut rec = Reconciler::adopt(loaded.maps).context("adopt empty maps")?;
+        let stats = rec.apply(&d).context("first apply")?;
+        assert!(stats.writes() > 0);
+
+        // What lbctl sees, through the pins, while the loader still holds the object.
+        let reader = LbMaps::open_pinned(&dir.0).context("open pinned")?;
+        let svcs = reader.list_services()?;
+        assert_eq!(svcs.len(), 1, "{svcs:?}");
+        assert_eq!(svcs[0].name.as_deref(), Some("shop/web:http/TCP"));
+        assert_eq!(svcs[0].frontends.len(), 2);
+        let v4 = &svcs[0].frontends[0];
+        assert_eq!((v4.addr, v4.port), ("198.18.100.10".parse()?, 80));
+        assert_eq!(v4.maglev_size, crate::maglev::table_size(2));
+        let v6 = &svcs[0].frontends[1];
+        assert_eq!(v6.maglev_size, crate::maglev::table_size(1));
+        assert_eq!(svcs[0].new_flows, 0);
+
+        let bes = reader.list_backends()?;
+        let shown: Vec<(String, Option<String>)> = bes
+            .iter()
+            .map(|b| (b.addr.to_string(), b.name.clone()))
+            .collect();
+        let mut want = vec![
+            ("198.18.1.1:8080".to_owned(), Some("shop/web-0".to_owned())),
+            ("198.18.1.2:8080".to_owned(), Some("198.18.1.2".to_owned())),
+            (
+                "[2001:db8:1::1]:8080".to_owned(),
+                Some("shop/web-0".to_owned()),
+            ),
+        ];
+        let mut got = shown.clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+
+        // The v4 table names only the two v4 backends, every slot.
+        let v4_ids: std::collections::BTreeSet<u32> = bes
+            .iter()
+            .filter(|b| b.addr.is_ipv4())
+            .map(|b| b.id)
+            .collect();
+        let slots = reader.maglev_range(v4.maglev_offset, v4.maglev_size)?;
+        assert!(slots.iter().all(|id| v4_ids.contains(id)), "{slots:?}");
+        assert_eq!(
+            slots
+                .iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>(),
+            v4_ids
+        );
+
+        let reasons = reader.reasons()?;
+        assert_eq!(reasons.len(), lb_common::NUM_REASONS as usize);
+        assert!(
+            reasons.iter().all(|(_, n)| *n == 0),
+            "no traffic yet: {reasons:?}"
+        );
+        assert!(reader.list_flows(10)?.is_empty());
+        assert_eq!(reader.count_rnat()?, 0);
+        drop(reader);
+
+        // A restarted agent: same object, same pins.
+        drop(rec);
+        drop(loaded.ebpf);
+        drop(loaded.ifaces);
+        let again = crate::loader::load(crate::EBPF_OBJ, &dir.0, false).context("reload")?;
+        let mut rec = Reconciler::adopt(again.maps).context("adopt pinned maps")?;
+        assert_eq!(rec.counts(), (1, 2));
+        let stats = rec.apply(&d).context("apply after reload")?;
+        assert_eq!(stats.writes(), 0, "{stats}");
+        Ok(())
+    }
+}
