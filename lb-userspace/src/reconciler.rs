@@ -215,6 +215,21 @@ fn maglev_size(n: usize) -> u32 {
     crate::maglev::table_size(n)
 }
 
+/// How much larger than needed a table may stay before it is shrunk.
+const MAGLEV_SHRINK_FACTOR: u32 = 4;
+
+/// The table size for `n` endpoints, keeping the current size while it is still large
+/// enough (>= 100 x n) and not wastefully large. Maglev only remaps ~1/N of the slots when
+/// one of N backends changes if the table keeps its size; a new size reshuffles nearly
+/// every slot, so new flows of unchanged backends would land elsewhere.
+fn stable_maglev_size(n: usize, current: Option<u32>) -> u32 {
+    let needed = maglev_size(n);
+    match current {
+        Some(c) if c >= needed && c <= needed.saturating_mul(MAGLEV_SHRINK_FACTOR) => c,
+        _ => needed,
+    }
+}
+
 /// Slot → index into `names`.
 fn maglev_table(names: &[Vec<u8>], size: u32) -> Vec<u32> {
     crate::maglev::build_table(names, size)
@@ -785,10 +800,11 @@ impl<W: MapWriter> Reconciler<W> {
             for fam in [V4, V6] {
                 let Some(want) = &w.tables[fam] else { continue };
                 let members: BTreeSet<BeKey> = want.keys().copied().collect();
+                let cur_size = cur.and_then(|s| s.tables[fam].as_ref()).map(|t| t.size);
                 let size = if members.is_empty() {
                     0
                 } else {
-                    maglev_size(members.len())
+                    stable_maglev_size(members.len(), cur_size)
                 };
                 let unchanged = cur
                     .and_then(|s| s.tables[fam].as_ref())
@@ -1363,10 +1379,15 @@ mod tests {
                         want_be.insert((a, e.port.to_be()), meta);
                     }
                 }
-                assert_eq!(
+                let needed = crate::maglev::table_size(fam_eps.len());
+                assert!(
+                    (needed == 0 && v.maglev_size == 0)
+                        || (v.maglev_size >= needed
+                            && v.maglev_size <= needed * MAGLEV_SHRINK_FACTOR
+                            && crate::maglev::is_prime(v.maglev_size as u64)),
+                    "{sid}: table size {} for {} endpoints",
                     v.maglev_size,
-                    crate::maglev::table_size(fam_eps.len()),
-                    "{sid}"
+                    fam_eps.len()
                 );
                 let in_table: BTreeSet<SocketAddr> = Mem::range(v)
                     .map(|s| {
@@ -1500,6 +1521,31 @@ mod tests {
         let s = apply_ok(&mut r, &state(vec![web(&["198.18.1.3"])]));
         assert_eq!(s.backends_deleted, 2, "{s}");
         assert_eq!(r.writer().backends.len(), 1);
+    }
+
+    #[test]
+    fn removing_one_endpoint_keeps_the_table_size_and_moves_few_slots() {
+        let ten: Vec<String> = (1..=10).map(|i| format!("198.18.1.{i}")).collect();
+        let ten: Vec<&str> = ten.iter().map(String::as_str).collect();
+        let mut r = new();
+        apply_ok(&mut r, &state(vec![web(&ten)]));
+        let before = r.writer().services.values().next().copied().expect("frontend");
+        let slot_addrs = |m: &Mem, v: &ServiceValue| -> Vec<[u8; 16]> {
+            Mem::range(v).map(|s| m.backends[&m.maglev[&s]].addr).collect()
+        };
+        let old = slot_addrs(r.writer(), &before);
+        apply_ok(&mut r, &state(vec![web(&ten[..9])]));
+        let after = r.writer().services.values().next().copied().expect("frontend");
+        assert_eq!(after.maglev_size, before.maglev_size, "size kept on scale-down");
+        let new_slots = slot_addrs(r.writer(), &after);
+        let moved = old.iter().zip(&new_slots).filter(|(a, b)| a != b).count();
+        let share = moved as f64 / old.len() as f64;
+        // The removed backend owned ~1/10 of the slots; little else may move.
+        assert!(share < 0.1 + 0.07, "{moved} of {} slots moved", old.len());
+        // Shrinking to one endpoint is far below a quarter of the table: it shrinks.
+        apply_ok(&mut r, &state(vec![web(&ten[..1])]));
+        let one = r.writer().services.values().next().copied().expect("frontend");
+        assert_eq!(one.maglev_size, crate::maglev::table_size(1));
     }
 
     #[test]

@@ -141,12 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let state = source
         .load()
         .with_context(|| format!("reading services from {}", args.services.display()))?;
-    for e in source.errors() {
-        warn!("{e}");
-    }
-    for w in source.warnings() {
-        warn!("{w}");
-    }
+    // load() has logged every invalid object with its file, object and field.
     let stats = apply(&mut rec, &state).context("writing the initial state to the maps")?;
     // Always at info: after a restart, "0 writes" is how one sees the maps were adopted.
     info!(writes = stats.writes(), "initial sync: {stats}");
