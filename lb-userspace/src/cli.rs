@@ -8,18 +8,8 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::maps::{BackendInfo, FlowInfo, LbMaps, MapError, ServiceInfo};
+use crate::maps::{BackendInfo, FlowInfo, LbMaps, MapError, Traffic};
 use crate::model::Protocol;
-
-/// Traffic counters summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct CountersView {
-    pub fwd_packets: u64,
-    pub fwd_bytes: u64,
-    pub rev_packets: u64,
-    pub rev_bytes: u64,
-    pub new_flows: u64,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FrontendView {
@@ -47,7 +37,7 @@ pub struct ServiceView {
     pub frontends: Vec<FrontendView>,
     /// The endpoints new flows are spread over (those in the service's Maglev tables).
     pub backends: Vec<BackendRef>,
-    pub counters: CountersView,
+    pub counters: Traffic,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -56,7 +46,7 @@ pub struct BackendView {
     pub address: std::net::IpAddr,
     pub port: u16,
     pub target: Option<String>,
-    pub counters: CountersView,
+    pub counters: Traffic,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -75,7 +65,7 @@ pub struct FlowView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceCounters {
     pub service: String,
-    pub counters: CountersView,
+    pub counters: Traffic,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -93,26 +83,6 @@ fn proto_name(p: u8) -> String {
 
 fn service_name(name: &Option<String>, svc_id: u32) -> String {
     name.clone().unwrap_or_else(|| format!("<svc {svc_id}>"))
-}
-
-fn counters_of_service(s: &ServiceInfo) -> CountersView {
-    CountersView {
-        fwd_packets: s.fwd_packets,
-        fwd_bytes: s.fwd_bytes,
-        rev_packets: s.rev_packets,
-        rev_bytes: s.rev_bytes,
-        new_flows: s.new_flows,
-    }
-}
-
-fn counters_of_backend(b: &BackendInfo) -> CountersView {
-    CountersView {
-        fwd_packets: b.fwd_packets,
-        fwd_bytes: b.fwd_bytes,
-        rev_packets: b.rev_packets,
-        rev_bytes: b.rev_bytes,
-        new_flows: b.new_flows,
-    }
 }
 
 /// Joins services with the backends named by their Maglev tables.
@@ -160,7 +130,7 @@ pub fn services(maps: &LbMaps) -> Result<Vec<ServiceView>, MapError> {
                 })
                 .collect(),
             backends: backend_refs,
-            counters: counters_of_service(&s),
+            counters: s.counters,
         });
     }
     Ok(out)
@@ -175,7 +145,7 @@ pub fn backends(maps: &LbMaps) -> Result<Vec<BackendView>, MapError> {
             address: b.addr.ip(),
             port: b.addr.port(),
             target: b.name.clone(),
-            counters: counters_of_backend(b),
+            counters: b.counters,
         })
         .collect())
 }
@@ -228,7 +198,7 @@ pub fn stats(maps: &LbMaps) -> Result<StatsView, MapError> {
             .iter()
             .map(|s| ServiceCounters {
                 service: service_name(&s.name, s.svc_id),
-                counters: counters_of_service(s),
+                counters: s.counters,
             })
             .collect(),
     })
@@ -353,7 +323,12 @@ pub fn render_flows(v: &[FlowView]) -> String {
 pub fn render_stats(v: &StatsView) -> String {
     let reasons: Vec<Vec<String>> = lb_common::REASON_NAMES
         .iter()
-        .map(|n| vec![n.to_string(), v.reasons.get(*n).copied().unwrap_or(0).to_string()])
+        .map(|n| {
+            vec![
+                n.to_string(),
+                v.reasons.get(*n).copied().unwrap_or(0).to_string(),
+            ]
+        })
         .collect();
     let services: Vec<Vec<String>> = v
         .services
@@ -373,7 +348,12 @@ pub fn render_stats(v: &StatsView) -> String {
     out.push('\n');
     out.push_str(&table(
         &[
-            "SERVICE", "PKTS-IN", "BYTES-IN", "PKTS-OUT", "BYTES-OUT", "FLOWS",
+            "SERVICE",
+            "PKTS-IN",
+            "BYTES-IN",
+            "PKTS-OUT",
+            "BYTES-OUT",
+            "FLOWS",
         ],
         &services,
     ));
@@ -388,7 +368,10 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(
             &["A", "LONGER"],
-            &[vec!["xxxx".into(), "1".into()], vec!["y".into(), "22".into()]],
+            &[
+                vec!["xxxx".into(), "1".into()],
+                vec!["y".into(), "22".into()],
+            ],
         );
         assert_eq!(t, "A     LONGER\nxxxx  1\ny     22\n");
     }
@@ -403,7 +386,9 @@ mod tests {
         for n in lb_common::REASON_NAMES {
             assert!(t.contains(n), "{n} missing from\n{t}");
         }
-        assert!(t.lines().any(|l| l.starts_with("drop_fragment") && l.ends_with(" 7")));
+        assert!(t
+            .lines()
+            .any(|l| l.starts_with("drop_fragment") && l.ends_with(" 7")));
     }
 
     #[test]
@@ -424,7 +409,7 @@ mod tests {
                 port: 8080,
                 target: Some("default/web-0".into()),
             }],
-            counters: CountersView::default(),
+            counters: Traffic::default(),
         }];
         let t = render_services(&v);
         assert!(t.contains("default/web:http/TCP"));

@@ -89,8 +89,19 @@ fn sock(a: &[u8; 16], port_be: u16) -> SocketAddr {
     SocketAddr::new(addr_from_map(a), u16::from_be(port_be))
 }
 
-fn sum_counters(v: &PerCpuValues<Counters>) -> Counters {
-    v.iter().fold(Counters::default(), |mut s, c| {
+/// A service port's or backend's traffic, summed over CPUs (`lb_common::Counters`
+/// without its padding).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    pub new_flows: u64,
+}
+
+fn sum_counters(v: &PerCpuValues<Counters>) -> Traffic {
+    v.iter().fold(Traffic::default(), |mut s, c| {
         s.fwd_packets += c.fwd_packets;
         s.fwd_bytes += c.fwd_bytes;
         s.rev_packets += c.rev_packets;
@@ -118,11 +129,7 @@ pub struct ServiceInfo {
     /// `None` when SVC_META has no entry (an inconsistent or foreign map).
     pub name: Option<String>,
     pub frontends: Vec<FrontendInfo>,
-    pub fwd_packets: u64,
-    pub fwd_bytes: u64,
-    pub rev_packets: u64,
-    pub rev_bytes: u64,
-    pub new_flows: u64,
+    pub counters: Traffic,
 }
 
 /// An active backend with its name (BE_META) and counters summed over CPUs.
@@ -131,11 +138,7 @@ pub struct BackendInfo {
     pub id: u32,
     pub addr: SocketAddr,
     pub name: Option<String>,
-    pub fwd_packets: u64,
-    pub fwd_bytes: u64,
-    pub rev_packets: u64,
-    pub rev_bytes: u64,
-    pub new_flows: u64,
+    pub counters: Traffic,
 }
 
 /// A tracked flow (a CT entry): client → VIP as sent, and what it is rewritten to.
@@ -268,11 +271,7 @@ impl LbMaps {
                 svc_id: v.svc_id,
                 name: None,
                 frontends: Vec::new(),
-                fwd_packets: 0,
-                fwd_bytes: 0,
-                rev_packets: 0,
-                rev_bytes: 0,
-                new_flows: 0,
+                counters: Traffic::default(),
             });
             e.frontends.push(FrontendInfo {
                 addr: addr_from_map(&k.addr),
@@ -296,12 +295,7 @@ impl LbMaps {
                     MAP_SVC_STATS,
                     e.svc_id,
                 ))?;
-                let c = sum_counters(&c);
-                e.fwd_packets = c.fwd_packets;
-                e.fwd_bytes = c.fwd_bytes;
-                e.rev_packets = c.rev_packets;
-                e.rev_bytes = c.rev_bytes;
-                e.new_flows = c.new_flows;
+                e.counters = sum_counters(&c);
             }
         }
         let mut out: Vec<ServiceInfo> = by_id.into_values().collect();
@@ -328,17 +322,13 @@ impl LbMaps {
                         .map_err(op_err("get", MAP_BE_STATS, id))?,
                 )
             } else {
-                Counters::default()
+                Traffic::default()
             };
             out.push(BackendInfo {
                 id,
                 addr: sock(&b.addr, b.port_be),
                 name,
-                fwd_packets: c.fwd_packets,
-                fwd_bytes: c.fwd_bytes,
-                rev_packets: c.rev_packets,
-                rev_bytes: c.rev_bytes,
-                new_flows: c.new_flows,
+                counters: c,
             });
         }
         Ok(out)
@@ -669,7 +659,7 @@ mod kernel_tests {
         assert_eq!(v4.maglev_size, crate::maglev::table_size(2));
         let v6 = &svcs[0].frontends[1];
         assert_eq!(v6.maglev_size, crate::maglev::table_size(1));
-        assert_eq!(svcs[0].new_flows, 0);
+        assert_eq!(svcs[0].counters.new_flows, 0);
 
         let bes = reader.list_backends()?;
         let shown: Vec<(String, Option<String>)> = bes

@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{cli, maps::LbMaps};
 
 #[derive(Parser)]
-#[command(name = "lbctl", about = "Inspect xdplb's service, backend, flow and counter maps")]
+#[command(
+    name = "lbctl",
+    about = "Inspect xdplb's service, backend, flow and counter maps"
+)]
 struct Args {
     /// Where lb-agent pinned the maps.
     #[arg(long, default_value = "/sys/fs/bpf/xdplb", global = true)]
@@ -42,7 +45,11 @@ enum Cmd {
     Stats,
 }
 
-fn print<T: serde::Serialize>(out: Output, v: &T, table: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+fn print<T: serde::Serialize>(
+    out: Output,
+    v: &T,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
         Output::Table => print!("{}", table(v)),
@@ -58,9 +65,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     match args.cmd {
-        Cmd::Services => print(args.output, &cli::services(&maps)?, |v| cli::render_services(v)),
-        Cmd::Backends => print(args.output, &cli::backends(&maps)?, |v| cli::render_backends(v)),
-        Cmd::Flows { limit } => print(args.output, &cli::flows(&maps, limit)?, |v| cli::render_flows(v)),
+        Cmd::Services => print(args.output, &cli::services(&maps)?, |v| {
+            cli::render_services(v)
+        }),
+        Cmd::Backends => print(args.output, &cli::backends(&maps)?, |v| {
+            cli::render_backends(v)
+        }),
+        Cmd::Flows { limit } => print(args.output, &cli::flows(&maps, limit)?, |v| {
+            cli::render_flows(v)
+        }),
         Cmd::Stats => print(args.output, &cli::stats(&maps)?, cli::render_stats),
     }
 }
