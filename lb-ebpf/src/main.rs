@@ -29,10 +29,10 @@ mod prog {
         parse::{self, Parsed, Pkt, XDP_DROP, XDP_PASS, XDP_TX},
         reject, stats,
     };
-    use aya_ebpf::{macros::xdp, programs::XdpContext};
+    use aya_ebpf::{helpers::bpf_redirect, macros::xdp, programs::XdpContext};
     use aya_log_ebpf::debug;
     use lb_common::{
-        NatEntry, IFACE_F_VETH, R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_FWD_PASS, R_FWD_REDIRECT,
+        NatEntry, IFACE_F_GENERIC, IFACE_F_VETH, R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_FWD_PASS, R_FWD_REDIRECT,
         R_PASS_CT_FULL, R_PASS_NOT_SERVICE, R_REJECT_NO_ENDPOINTS, R_RNAT_PASS, R_RNAT_REDIRECT,
     };
 
@@ -57,6 +57,12 @@ mod prog {
     #[xdp]
     pub fn xdp_pod(ctx: XdpContext) -> u32 {
         run(&ctx)
+    }
+
+    /// Baseline for `cargo xtask bench prog`, never attached by the agent.
+    #[xdp]
+    pub fn xdp_noop(_ctx: XdpContext) -> u32 {
+        XDP_PASS
     }
 
     /// Counts exactly one reason per packet, whatever path decided it.
@@ -156,9 +162,26 @@ mod prog {
             reject::port_unreachable(ctx, p)
         };
         match built {
-            Ok(()) => v(XDP_TX, R_REJECT_NO_ENDPOINTS),
+            Ok(()) => v(send_back(ctx, p), R_REJECT_NO_ENDPOINTS),
             // The frame may be half reshaped: never let it continue.
             Err(()) => v(XDP_DROP, R_DROP_NO_ENDPOINTS),
+        }
+    }
+
+    /// The action that sends a reply built in place back out of the ingress interface.
+    ///
+    /// XDP_TX on a native-mode veth queues the frame for the peer but only kicks the peer's
+    /// NAPI if the peer has an XDP program of its own (veth_xdp_flush checks
+    /// `rcv_rq->xdp_prog`); a peer with only GRO on (an ordinary host or client) never
+    /// sees the frame. Redirecting to the same interface goes through ndo_xdp_xmit, which
+    /// flushes the peer whenever it runs NAPI. Generic mode and real NICs take XDP_TX.
+    #[inline(always)]
+    fn send_back(ctx: &XdpContext, p: &Pkt) -> u32 {
+        if p.in_flags & (IFACE_F_VETH | IFACE_F_GENERIC) == IFACE_F_VETH {
+            let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+            unsafe { bpf_redirect(ifindex, 0) as u32 }
+        } else {
+            XDP_TX
         }
     }
 

@@ -1,1 +1,4 @@
 
+pub mod e2e;
+pub mod netns;
+pub mod packet;

@@ -925,6 +925,41 @@ fn no_endpoints_tcp_syn_gets_rst() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On a native-mode veth the refusal leaves through bpf_redirect to the ingress interface
+/// (XDP_TX would never wake a peer that has GRO but no XDP program); in generic mode and
+/// on NICs it is XDP_TX. The frame is the same RST either way.
+#[test]
+fn refusal_on_a_native_veth_is_redirected_back() -> anyhow::Result<()> {
+    const XDP_REDIRECT: u32 = 4;
+    use lb_common::IFACE_F_GENERIC;
+    for (flags, action) in [
+        (IFACE_F_VETH, XDP_REDIRECT),
+        (IFACE_F_VETH | IFACE_F_GENERIC, XDP_TX),
+        (0, XDP_TX),
+    ] {
+        let ctxt = format!("iface flags {flags:#x}");
+        let mut fx = Fixture::new("rstveth")?;
+        fx.service(10, V4.vip, VIP_PORT, PROTO_TCP, &[])?;
+        set_iface(&mut fx, LOOPBACK_IFINDEX, flags)?;
+        let syn = packet::tcp(
+            V4.client,
+            V4.vip,
+            CLIENT_PORT,
+            VIP_PORT,
+            TcpKind::SynWithOptions,
+            b"",
+        )?;
+        let out = fx
+            .run_expect(&syn, action, lb_common::R_REJECT_NO_ENDPOINTS)
+            .context(ctxt.clone())?;
+        let d = decode(&out)?;
+        let t = d.tcp.clone().ok_or_else(|| anyhow!("{ctxt}: not TCP"))?;
+        ensure!(t.rst && d.src == V4.vip && d.dst == V4.client, "{ctxt}: {t:?}");
+        assert_checksums(&d).context(ctxt)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn no_endpoints_udp_gets_port_unreachable() -> anyhow::Result<()> {
     for net in [V4, V6] {
