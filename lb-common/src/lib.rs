@@ -368,7 +368,11 @@ mod tests {
         let mut names: std::vec::Vec<_> = REASON_NAMES.to_vec();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), REASON_NAMES.len(), "reason names must be unique");
+        assert_eq!(
+            names.len(),
+            REASON_NAMES.len(),
+            "reason names must be unique"
+        );
     }
 
     #[test]
@@ -384,7 +388,10 @@ mod tests {
         let m = NameMeta::new(&long);
         assert!(m.as_str().len() <= NAME_LEN);
         assert!(m.as_str().chars().all(|c| c == 'é'));
-        assert_eq!(NameMeta::new("default/web:http/TCP").as_str(), "default/web:http/TCP");
+        assert_eq!(
+            NameMeta::new("default/web:http/TCP").as_str(),
+            "default/web:http/TCP"
+        );
     }
 
     #[test]

@@ -32,8 +32,9 @@ mod prog {
     use aya_ebpf::{helpers::bpf_redirect, macros::xdp, programs::XdpContext};
     use aya_log_ebpf::debug;
     use lb_common::{
-        NatEntry, IFACE_F_GENERIC, IFACE_F_VETH, R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_FWD_PASS, R_FWD_REDIRECT,
-        R_PASS_CT_FULL, R_PASS_NOT_SERVICE, R_REJECT_NO_ENDPOINTS, R_RNAT_PASS, R_RNAT_REDIRECT,
+        NatEntry, IFACE_F_GENERIC, IFACE_F_VETH, R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_FWD_PASS,
+        R_FWD_REDIRECT, R_PASS_CT_FULL, R_PASS_NOT_SERVICE, R_REJECT_NO_ENDPOINTS, R_RNAT_PASS,
+        R_RNAT_REDIRECT,
     };
 
     /// Set to 1 at load time (`--debug`) to log one line per verdict through aya-log.

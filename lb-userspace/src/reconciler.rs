@@ -1529,14 +1529,31 @@ mod tests {
         let ten: Vec<&str> = ten.iter().map(String::as_str).collect();
         let mut r = new();
         apply_ok(&mut r, &state(vec![web(&ten)]));
-        let before = r.writer().services.values().next().copied().expect("frontend");
+        let before = r
+            .writer()
+            .services
+            .values()
+            .next()
+            .copied()
+            .expect("frontend");
         let slot_addrs = |m: &Mem, v: &ServiceValue| -> Vec<[u8; 16]> {
-            Mem::range(v).map(|s| m.backends[&m.maglev[&s]].addr).collect()
+            Mem::range(v)
+                .map(|s| m.backends[&m.maglev[&s]].addr)
+                .collect()
         };
         let old = slot_addrs(r.writer(), &before);
         apply_ok(&mut r, &state(vec![web(&ten[..9])]));
-        let after = r.writer().services.values().next().copied().expect("frontend");
-        assert_eq!(after.maglev_size, before.maglev_size, "size kept on scale-down");
+        let after = r
+            .writer()
+            .services
+            .values()
+            .next()
+            .copied()
+            .expect("frontend");
+        assert_eq!(
+            after.maglev_size, before.maglev_size,
+            "size kept on scale-down"
+        );
         let new_slots = slot_addrs(r.writer(), &after);
         let moved = old.iter().zip(&new_slots).filter(|(a, b)| a != b).count();
         let share = moved as f64 / old.len() as f64;
@@ -1544,7 +1561,13 @@ mod tests {
         assert!(share < 0.1 + 0.07, "{moved} of {} slots moved", old.len());
         // Shrinking to one endpoint is far below a quarter of the table: it shrinks.
         apply_ok(&mut r, &state(vec![web(&ten[..1])]));
-        let one = r.writer().services.values().next().copied().expect("frontend");
+        let one = r
+            .writer()
+            .services
+            .values()
+            .next()
+            .copied()
+            .expect("frontend");
         assert_eq!(one.maglev_size, crate::maglev::table_size(1));
     }
 

@@ -1,4 +1,3 @@
-
 pub mod e2e;
 pub mod netns;
 pub mod packet;

@@ -954,7 +954,10 @@ fn refusal_on_a_native_veth_is_redirected_back() -> anyhow::Result<()> {
             .context(ctxt.clone())?;
         let d = decode(&out)?;
         let t = d.tcp.clone().ok_or_else(|| anyhow!("{ctxt}: not TCP"))?;
-        ensure!(t.rst && d.src == V4.vip && d.dst == V4.client, "{ctxt}: {t:?}");
+        ensure!(
+            t.rst && d.src == V4.vip && d.dst == V4.client,
+            "{ctxt}: {t:?}"
+        );
         assert_checksums(&d).context(ctxt)?;
     }
     Ok(())
