@@ -439,46 +439,95 @@ fn target_dir(root: &Path) -> Result<PathBuf> {
         .context("cargo metadata has no target_directory")
 }
 
+/// Passed and failed test counts, summed over cargo test's `test result:` lines.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Adds a libtest summary line: `test result: ok. 15 passed; 0 failed; 0 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                if let Ok(n) = n.parse::<u64>() {
+                    match what {
+                        "passed" => self.passed += n,
+                        "failed" => self.failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `cargo test` with the given arguments, echoing its output and counting results.
+fn cargo_test(root: &Path, bin_dir: &Path, args: &[&str], tally: &mut Tally) -> Result<()> {
+    use std::io::BufRead as _;
+    let mut c = cargo(root);
+    c.arg("test")
+        .args(args)
+        .env("XDPLB_BIN_DIR", bin_dir)
+        .env("PATH", path_with_cargo_bin()?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let what = format!("{c:?}");
+    let mut child = c.spawn().with_context(|| format!("running {what}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        tally.add_line(&line);
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {what}"))?;
+    if !status.success() {
+        bail!("{what} failed: {status}");
+    }
+    Ok(())
+}
+
 fn test(root: &Path) -> Result<()> {
     build(root, false, true)?;
     let bin_dir = target_dir(root)?.join("debug");
     let mut failed = Vec::new();
+    let mut tally = Tally::default();
     step("unit and integration tests (all crates but the end-to-end one)");
-    if let Err(e) = run_visible(
-        cargo(root)
-            .args([
-                "test",
-                "--no-fail-fast",
-                "--workspace",
-                "--exclude",
-                "tests",
-            ])
-            .env("XDPLB_BIN_DIR", &bin_dir),
+    if let Err(e) = cargo_test(
+        root,
+        &bin_dir,
+        &["--no-fail-fast", "--workspace", "--exclude", "tests"],
+        &mut tally,
     ) {
         failed.push(format!("{e:#}"));
     }
     // The end-to-end tests each build namespaces and start servers and an agent; two at
     // a time keeps a 2-core machine from timing out on itself.
     step("tests crate (BPF_PROG_TEST_RUN fixtures and end-to-end tests), 2 threads");
-    if let Err(e) = run_visible(
-        cargo(root)
-            .args([
-                "test",
-                "--no-fail-fast",
-                "-p",
-                "tests",
-                "--",
-                "--test-threads",
-                "2",
-            ])
-            .env("XDPLB_BIN_DIR", &bin_dir),
+    if let Err(e) = cargo_test(
+        root,
+        &bin_dir,
+        &["--no-fail-fast", "-p", "tests", "--", "--test-threads", "2"],
+        &mut tally,
     ) {
         failed.push(format!("{e:#}"));
     }
+    // One closing line for the whole run (the last line on success): the per-binary
+    // summaries end with doc-test runs of zero tests.
+    println!("tests: {} passed, {} failed", tally.passed, tally.failed);
     if !failed.is_empty() {
         bail!("tests failed:\n{}", failed.join("\n"));
     }
-    step("all tests passed");
+    if tally.passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
 }
 
@@ -589,4 +638,18 @@ fn demo(root: &Path, requests: usize) -> Result<()> {
     }
     step("demo done: every request answered from the VIP");
     Ok(())
+}
+
+#[cfg(test)]
+mod tally_tests {
+    use super::Tally;
+
+    #[test]
+    fn sums_libtest_summaries() {
+        let mut t = Tally::default();
+        t.add_line("test result: ok. 15 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        t.add_line("test result: FAILED. 9 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s");
+        t.add_line("running 3 tests");
+        assert_eq!((t.passed, t.failed), (24, 2));
+    }
 }
