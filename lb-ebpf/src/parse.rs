@@ -1,6 +1,8 @@
 //! Header layouts and the parser. Header fields are byte arrays (alignment 1) and are
 //! compared as raw integers against constants: nothing read from a packet becomes a Rust
-//! enum.
+//! enum. (That is why these layouts are our own: network-types 0.1's `Ipv4Hdr` and
+//! `Ipv6Hdr` hold the protocol as the enum `IpProto`, undefined behaviour for a value the
+//! enum does not list.)
 
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
