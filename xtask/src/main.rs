@@ -14,6 +14,8 @@ mod e2e;
 #[path = "../../tests/src/netns.rs"]
 mod netns;
 
+mod bench;
+
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
@@ -64,6 +66,15 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         requests: usize,
     },
+    /// Setup, then benchmark the XDP program (`prog`) and the control plane (`sync`):
+    /// bench/results/<timestamp>-<suite>.json and docs/benchmarks.md.
+    Bench {
+        #[arg(value_enum, default_value = "all")]
+        suite: bench::Suite,
+        /// Fewer runs and points: about a minute for both suites.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -93,6 +104,14 @@ fn main() -> Result<()> {
             setup_system()?;
             build(&root, false, false)?;
             demo(&root, requests)
+        }
+        Cmd::Bench { suite, quick } => {
+            // With the feature, this is the re-run that bench::run started after setup.
+            if !cfg!(feature = "lb-userspace") {
+                setup_toolchain()?;
+                setup_system()?;
+            }
+            bench::run(&root, suite, quick, run_visible)
         }
     }
 }
