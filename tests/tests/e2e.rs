@@ -862,17 +862,61 @@ fn pod_added_after_start_is_attached_and_reachable() -> Result<()> {
 }
 
 /// Guards against a harness that silently tests nothing: the binaries must exist.
+/// Bad flags get a clear error and exit 1 before anything is loaded or pinned; lbctl
+/// without an agent says which pin directory it looked in.
 #[test]
-fn agent_binaries_are_built() -> Result<()> {
+fn bad_flags_fail_clearly_and_leave_nothing() -> Result<()> {
     let dir = e2e::bin_dir()?;
-    for b in ["lb-agent", "lbctl"] {
-        let out = Command::new(dir.join(b)).arg("--help").output()?;
-        if !out.status.success() {
-            bail!(
-                "{b} --help failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+    let pin = PathBuf::from(format!("/sys/fs/bpf/xdplb-badflags-{}", std::process::id()));
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/services.yaml");
+    let pin_s = pin.to_string_lossy().into_owned();
+    let example_s = example.to_string_lossy().into_owned();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "--services",
+                "/nonexistent/xdplb.yaml",
+                "--edge-iface",
+                "lo",
+                "--pin-dir",
+                &pin_s,
+            ],
+            "reading services from /nonexistent/xdplb.yaml",
+        ),
+        (
+            &[
+                "--services",
+                &example_s,
+                "--edge-iface",
+                "xdplb-nope0",
+                "--pin-dir",
+                &pin_s,
+            ],
+            "--edge-iface xdplb-nope0: no such interface",
+        ),
+        (
+            &["--services", &example_s, "--pin-dir", &pin_s],
+            "give at least one --edge-iface or --pod-iface",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(dir.join("lb-agent")).args(args).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(1) && stderr.contains(want),
+            "lb-agent {args:?}: {:?}, stderr:\n{stderr}",
+            out.status
+        );
+        ensure!(!pin.exists(), "lb-agent {args:?} created {}", pin.display());
     }
+    let out = Command::new(dir.join("lbctl"))
+        .args(["--pin-dir", &pin_s, "services"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1) && stderr.contains(&pin_s),
+        "lbctl without maps: {:?}, stderr:\n{stderr}",
+        out.status
+    );
     Ok(())
 }

@@ -44,7 +44,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     // The programs' aya-log records arrive at debug level under the `lb_ebpf` target;
     // --debug would show nothing without letting them through.
@@ -61,7 +61,14 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
-    run(args).await
+    // The one place errors are printed: the whole context chain, on one line.
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn log_events(events: Vec<IfaceEvent>) {
@@ -125,6 +132,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("give at least one --edge-iface or --pod-iface");
     }
 
+    // Flags and services first: a wrong interface name or path fails before anything is
+    // loaded, pinned or written.
+    let present = loader::list_interfaces().context("listing network interfaces")?;
+    if let Some(missing) = args.edge_iface.iter().find(|i| !present.contains_key(*i)) {
+        bail!("--edge-iface {missing}: no such interface");
+    }
+    let mut source = FileSource::new(&args.services);
+    let state = source
+        .load()
+        .with_context(|| format!("reading services from {}", args.services.display()))?;
+
     let mut loaded =
         loader::load(lb_userspace::EBPF_OBJ, &args.pin_dir, args.debug).with_context(|| {
             format!(
@@ -137,11 +155,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (svcs, fes) = rec.counts();
     info!(service_ports = svcs, frontends = fes, pin_dir = %args.pin_dir.display(), "adopted maps");
 
-    let mut source = FileSource::new(&args.services);
-    let state = source
-        .load()
-        .with_context(|| format!("reading services from {}", args.services.display()))?;
-    // load() has logged every invalid object with its file, object and field.
+    // load() above has logged every invalid object with its file, object and field.
     let stats = apply(&mut rec, &state).context("writing the initial state to the maps")?;
     // Always at info: after a restart, "0 writes" is how one sees the maps were adopted.
     info!(writes = stats.writes(), "initial sync: {stats}");
