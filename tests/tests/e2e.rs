@@ -5,7 +5,7 @@
 //! Run as root (`cargo xtask test` does). Each test builds its own topology with unique
 //! names and tears it down on drop.
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
