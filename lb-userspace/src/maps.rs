@@ -3,9 +3,10 @@
 //! reconciler's [`MapWriter`] and the read helpers lbctl shows.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::{
     is_v4_mapped, v4_mapped, Backend, Counters, FlowKey, IfaceInfo, NameMeta, NatEntry, ServiceKey,
@@ -180,6 +181,9 @@ pub struct LbMaps {
     reasons: PerCpuArray<MapData, u64>,
     svc_meta: HashMap<MapData, u32, NameMeta>,
     be_meta: HashMap<MapData, u32, NameMeta>,
+    /// Set once the kernel refused BPF_MAP_UPDATE_BATCH on MAGLEV: slots are then written
+    /// one syscall each.
+    maglev_batch_unsupported: bool,
 }
 
 /// The IFACES map: ifindex → role and flags.
@@ -249,6 +253,7 @@ impl LbMaps {
             reasons: src.open(MAP_REASONS)?,
             svc_meta: src.open(MAP_SVC_META)?,
             be_meta: src.open(MAP_BE_META)?,
+            maglev_batch_unsupported: false,
         })
     }
 
@@ -458,8 +463,44 @@ impl MapWriter for LbMaps {
     }
 
     fn put_maglev(&mut self, offset: u32, slots: &[u32]) -> Result<(), MapError> {
-        for (i, id) in slots.iter().enumerate() {
-            let slot = offset + i as u32;
+        let end = u32::try_from(slots.len())
+            .ok()
+            .and_then(|n| offset.checked_add(n))
+            .ok_or_else(|| MapError::Rejected {
+                op: "update batch",
+                map: MAP_MAGLEV,
+                key: format!("{offset}+{}", slots.len()),
+                reason: "range exceeds u32 slot indices".into(),
+            })?;
+        if !self.maglev_batch_unsupported {
+            let fd = self.maglev.map().fd().as_fd().as_raw_fd();
+            match update_batch_u32(fd, offset, slots) {
+                Ok(()) => return Ok(()),
+                Err(BatchError::Unsupported(e)) => {
+                    // Fall through to single updates: nothing was written by the failed call
+                    // that the loop below does not write again.
+                    tracing::debug!(
+                        "BPF_MAP_UPDATE_BATCH on {MAP_MAGLEV} not supported ({e}), \
+                         writing slots one by one from now on"
+                    );
+                    self.maglev_batch_unsupported = true;
+                }
+                Err(BatchError::Failed { start, len, source }) => {
+                    return Err(MapError::Op {
+                        op: "update batch",
+                        map: MAP_MAGLEV,
+                        key: format!("{start}..{}", start as u64 + len as u64),
+                        source: Box::new(aya::maps::MapError::SyscallError(
+                            aya::sys::SyscallError {
+                                call: "bpf_map_update_batch",
+                                io_error: source,
+                            },
+                        )),
+                    });
+                }
+            }
+        }
+        for (slot, id) in (offset..end).zip(slots) {
             self.maglev
                 .set(slot, id, 0)
                 .map_err(op_err("set", MAP_MAGLEV, slot))?;
@@ -505,6 +546,106 @@ impl MapWriter for LbMaps {
             Err(source) => Err(op_err("delete", MAP_SVC_META, svc_id)(source)),
         }
     }
+}
+
+/// Slots per BPF_MAP_UPDATE_BATCH call: bounds the key buffer (256 KiB) and how long one
+/// syscall holds the CPU, while a full 1 M-slot sync still takes only 16 calls.
+const BATCH_CHUNK: usize = 1 << 16;
+
+/// `BPF_MAP_UPDATE_BATCH` from `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The kernel's internal ENOTSUPP, which `bpf_map_do_batch` returns for a map type without
+/// batch ops; it is not in libc (which has only the POSIX EOPNOTSUPP).
+const ENOTSUPP: i32 = 524;
+
+/// `union bpf_attr` as used by the BPF_MAP_*_BATCH commands (the `batch` struct of
+/// include/uapi/linux/bpf.h), padded past the size of the whole union: the kernel rejects
+/// attributes whose bytes after the command's last field are not zero, so the padding must
+/// be there and be zero.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+    _zero: [u8; 160 - 56],
+}
+
+#[derive(Debug)]
+enum BatchError {
+    /// This kernel or map has no BPF_MAP_UPDATE_BATCH; nothing was written.
+    Unsupported(std::io::Error),
+    /// The update of slots `start..start + len` failed; slots before `start` are written.
+    Failed {
+        start: u32,
+        len: u32,
+        source: std::io::Error,
+    },
+}
+
+/// Writes `values[i]` to slot `offset + i` of the u32 array map `fd` with
+/// BPF_MAP_UPDATE_BATCH, in chunks of [`BATCH_CHUNK`].
+fn update_batch_u32(fd: RawFd, offset: u32, values: &[u32]) -> Result<(), BatchError> {
+    let map_fd = u32::try_from(fd).map_err(|_| BatchError::Failed {
+        start: offset,
+        len: values.len() as u32,
+        source: std::io::Error::from_raw_os_error(libc::EBADF),
+    })?;
+    let mut keys: Vec<u32> = Vec::with_capacity(values.len().min(BATCH_CHUNK));
+    for (n, chunk) in values.chunks(BATCH_CHUNK).enumerate() {
+        // No overflow: the caller checked offset + values.len() fits in u32.
+        let start = offset + (n * BATCH_CHUNK) as u32;
+        keys.clear();
+        keys.extend(start..start + chunk.len() as u32);
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd,
+            // BPF_ANY: array slots always exist, there is nothing to create or miss.
+            elem_flags: 0,
+            flags: 0,
+            _zero: [0; 160 - 56],
+        };
+        // SAFETY: attr is a zero-padded `union bpf_attr` batch struct; keys and values point
+        // to `count` u32 each, alive for the call; the kernel only reads them (and writes
+        // `count` back into attr).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            let err = std::io::Error::last_os_error();
+            let unsupported = matches!(
+                err.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+            );
+            // Only the first call can tell "not supported": a later chunk failing means the
+            // command works and something else is wrong.
+            if unsupported && n == 0 && attr.count == 0 {
+                return Err(BatchError::Unsupported(err));
+            }
+            // On error the kernel reports in `count` how many elements it updated.
+            let done = attr.count.min(chunk.len() as u32);
+            return Err(BatchError::Failed {
+                start: start + done,
+                len: chunk.len() as u32 - done,
+                source: err,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `198.18.0.10:80/6` style key for error messages.
@@ -633,6 +774,65 @@ mod kernel_tests {
             },
         );
         d
+    }
+
+    #[test]
+    fn put_maglev_writes_every_slot_in_batches_across_chunk_boundaries() -> anyhow::Result<()> {
+        let dir = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/xdplb-test-batch-{}",
+            std::process::id()
+        )));
+        let loaded = crate::loader::load(crate::EBPF_OBJ, &dir.0, false).context("load")?;
+        let mut maps = loaded.maps;
+        let pattern = |base: u32, n: usize| -> Vec<u32> {
+            (0..n as u32).map(|i| (base + i * 7) % 4093 + 1).collect()
+        };
+
+        // A few thousand slots at an offset: one batch call.
+        let small = pattern(11, 3_000);
+        maps.put_maglev(5_000, &small).context("small put")?;
+        assert_eq!(maps.maglev_range(5_000, 3_000)?, small);
+        // Neighbours untouched.
+        assert_eq!(maps.maglev_range(4_999, 1)?, vec![0]);
+        assert_eq!(maps.maglev_range(8_000, 1)?, vec![0]);
+
+        // More than one chunk: the second call must continue exactly where the first stopped.
+        let n = BATCH_CHUNK + 2_500;
+        let big = pattern(3, n);
+        let off = 100_000;
+        maps.put_maglev(off, &big).context("multi-chunk put")?;
+        let back = maps.maglev_range(off, n as u32)?;
+        let edge = BATCH_CHUNK;
+        assert_eq!(back[edge - 3..edge + 3], big[edge - 3..edge + 3]);
+        assert_eq!(back, big);
+        assert_eq!(maps.maglev_range(off - 1, 1)?, vec![0]);
+        assert_eq!(maps.maglev_range(off + n as u32, 1)?, vec![0]);
+
+        // Overwrite across the chunk boundary with other values (a rebuilt table).
+        let over = pattern(1_000, 4_000);
+        let over_off = off + BATCH_CHUNK as u32 - 2_000;
+        maps.put_maglev(over_off, &over).context("overwrite")?;
+        assert_eq!(maps.maglev_range(over_off, 4_000)?, over);
+        assert_eq!(
+            maps.maglev_range(over_off - 1, 1)?,
+            vec![big[BATCH_CHUNK - 2_001]]
+        );
+
+        // The batch path ran, not the per-slot fallback: this kernel has the command.
+        assert!(!maps.maglev_batch_unsupported);
+
+        // Past the end of MAGLEV: an error naming the map and the first slot not written.
+        let end = lb_common::MAGLEV_SLOTS;
+        let e = maps
+            .put_maglev(end - 10, &[1; 20])
+            .expect_err("slots past MAGLEV_SLOTS");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(MAP_MAGLEV) && msg.contains(&format!("[{end}..{}]", end + 10)),
+            "{msg}"
+        );
+        assert_eq!(maps.maglev_range(end - 10, 10)?, vec![1; 10]);
+        Ok(())
     }
 
     #[test]

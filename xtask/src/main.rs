@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Debian packages the tests and the demo run: `ip`/`ss` (iproute2), `ethtool` (GRO on
 /// the client's veth), servers and clients in the namespaces (nginx, curl, socat),
-/// captures of what reaches pods (tcpdump), nsenter/unshare/mountpoint (util-linux).
+/// captures of what reaches pods (tcpdump), nsenter/unshare/mountpoint (util-linux),
+/// map memory for the benchmarks (bpftool).
 const DEB_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -36,6 +37,8 @@ const DEB_PACKAGES: &[&str] = &[
     "socat",
     "tcpdump",
     "util-linux",
+    // `bench sync` reads the maps' memory from `bpftool map show`.
+    "bpftool",
 ];
 
 /// bpf-linker release line known to build against the nightly toolchain's LLVM 22.

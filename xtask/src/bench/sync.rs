@@ -22,7 +22,8 @@ struct FullSync {
     services_not_applied: usize,
     /// Why some were not applied: service ports per shortage kind, if any.
     shortage: Option<String>,
-    /// Map writes of the apply: MAGLEV slots (one syscall each) and all other calls.
+    /// Map writes of the apply: MAGLEV slots (written in BPF_MAP_UPDATE_BATCH chunks) and all
+    /// other calls (one syscall each).
     slots_written: usize,
     other_writes: usize,
 }
@@ -253,9 +254,10 @@ fn churn(shape: Shape, changes: usize) -> Result<Churn> {
     })
 }
 
-/// Times 100,000 single-slot updates of MAGLEV through aya (as `LbMaps::put_maglev` makes
-/// them). Runs on empty maps and writes the 0 the slots already hold, so the state the
-/// reconciler then adopts is unchanged.
+/// Times 100,000 single-slot updates of MAGLEV through aya: the cost of one map-update
+/// syscall, which every write except Maglev tables still pays (`LbMaps::put_maglev` writes
+/// tables in BPF_MAP_UPDATE_BATCH chunks). Runs on empty maps and writes the 0 the slots
+/// already hold, so the state the reconciler then adopts is unchanged.
 fn map_update_ns(b: &Bench) -> Result<f64> {
     const N: u32 = 100_000;
     let path = b.pin_dir().join(MAP_MAGLEV);
