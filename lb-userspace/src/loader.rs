@@ -476,9 +476,7 @@ impl Attacher {
         )?;
         let mut fell_back = None;
         let mut mode = first;
-        let res = xdp_mut(&mut self.ebpf, program)?.attach_to_if_index(ifindex, first);
-        let link = match res {
-            Ok(l) => l,
+        let res = match xdp_mut(&mut self.ebpf, program)?.attach_to_if_index(ifindex, first) {
             Err(e) if self.mode == ModeChoice::Auto && first == XdpMode::Driver => {
                 fell_back = Some(error_chain(&e));
                 mode = XdpMode::Skb;
@@ -489,20 +487,12 @@ impl Attacher {
                         flags: flags_for(mode),
                     },
                 )?;
-                match xdp_mut(&mut self.ebpf, program)?.attach_to_if_index(ifindex, mode) {
-                    Ok(l) => l,
-                    Err(source) => {
-                        let _ = self.ifaces.remove(ifindex);
-                        return Err(LoaderError::Attach {
-                            program,
-                            iface: name.to_owned(),
-                            ifindex,
-                            mode,
-                            source: Box::new(source),
-                        });
-                    }
-                }
+                xdp_mut(&mut self.ebpf, program)?.attach_to_if_index(ifindex, mode)
             }
+            other => other,
+        };
+        let link = match res {
+            Ok(l) => l,
             Err(source) => {
                 let _ = self.ifaces.remove(ifindex);
                 return Err(LoaderError::Attach {
