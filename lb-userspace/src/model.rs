@@ -50,6 +50,17 @@ pub struct ServicePortId {
     pub protocol: Protocol,
 }
 
+impl ServicePortId {
+    pub fn new(namespace: &str, name: &str, port_name: &str, protocol: Protocol) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            port_name: port_name.into(),
+            protocol,
+        }
+    }
+}
+
 impl fmt::Display for ServicePortId {
     /// `namespace/name:port/TCP`, with the port number's name or `-` when unnamed.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -826,12 +826,7 @@ mod tests {
     }
 
     fn id(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortId {
-        ServicePortId {
-            namespace: ns.into(),
-            name: name.into(),
-            port_name: port.into(),
-            protocol,
-        }
+        ServicePortId::new(ns, name, port, protocol)
     }
 
     fn fe(addr: &str, port: u16, protocol: Protocol, kind: FrontendKind) -> Frontend {

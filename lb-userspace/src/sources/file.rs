@@ -457,12 +457,7 @@ mod tests {
     use std::time::Instant;
 
     fn id(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortId {
-        ServicePortId {
-            namespace: ns.into(),
-            name: name.into(),
-            port_name: port.into(),
-            protocol,
-        }
+        ServicePortId::new(ns, name, port, protocol)
     }
 
     fn vips(state: &DesiredState, id: &ServicePortId) -> Vec<String> {
