@@ -30,9 +30,11 @@ pub const MAP_REASONS: &str = "REASONS";
 pub const MAP_IFACES: &str = "IFACES";
 pub const MAP_SVC_META: &str = "SVC_META";
 pub const MAP_BE_META: &str = "BE_META";
+pub const MAP_AFFINITY: &str = "AFFINITY";
+pub const MAP_SRC_RANGES: &str = "SRC_RANGES";
 
 /// Every map the programs define, in the order `lbctl` lists them.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_VIPS,
     MAP_BACKENDS,
@@ -45,6 +47,9 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_IFACES,
     MAP_SVC_META,
     MAP_BE_META,
+    MAP_AFFINITY,
+    MAP_SRC_RANGES,
+    MAP_SOCK_RNAT,
 ];
 
 /// Program names (the `#[xdp]` functions in lb-ebpf).
@@ -68,6 +73,10 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub const MAX_VIPS: u32 = 65_536;
 /// Interfaces the programs are attached to.
 pub const MAX_IFACES: u32 = 4_096;
+/// ClientIP session-affinity entries (client address, service port) -> backend.
+pub const MAX_AFFINITY: u32 = 65_536;
+/// `loadBalancerSourceRanges` prefixes over all service ports.
+pub const MAX_SRC_RANGES: u32 = 16_384;
 /// Smallest Maglev table: prime >= this, and >= `MAGLEV_MULTIPLIER` x endpoints.
 pub const MAGLEV_MIN_SIZE: u32 = 101;
 pub const MAGLEV_MULTIPLIER: u32 = 100;
@@ -115,8 +124,14 @@ pub const R_DROP_NO_BACKEND: u32 = 15;
 pub const R_DROP_FAMILY: u32 = 16;
 /// The connection-tracking insert failed: passed untouched rather than half-NATed.
 pub const R_PASS_CT_FULL: u32 = 17;
+/// Source address outside the frontend's `loadBalancerSourceRanges`: dropped.
+pub const R_DROP_SOURCE_RANGE: u32 = 18;
+/// `externalTrafficPolicy: Local` / `internalTrafficPolicy: Local` frontend whose service
+/// has endpoints, none of them on this node: dropped (kube-proxy drops too; a service with
+/// no endpoints at all is refused, `R_REJECT_NO_ENDPOINTS`).
+pub const R_DROP_NO_LOCAL_ENDPOINTS: u32 = 19;
 /// Number of reason counters.
-pub const NUM_REASONS: u32 = 18;
+pub const NUM_REASONS: u32 = 20;
 
 /// lbctl's name for each reason, indexed by the constant.
 pub const REASON_NAMES: [&str; NUM_REASONS as usize] = [
@@ -138,6 +153,8 @@ pub const REASON_NAMES: [&str; NUM_REASONS as usize] = [
     "drop_no_backend",
     "drop_family",
     "pass_ct_full",
+    "drop_source_range",
+    "drop_no_local_endpoints",
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -157,23 +174,84 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 /// The frontend is a ClusterIP.
 pub const SVC_F_CLUSTER_IP: u32 = 1 << 0;
-/// The frontend is a LoadBalancer ingress IP or an externalIP.
+/// The frontend is a LoadBalancer ingress IP, an externalIP or a NodePort.
 pub const SVC_F_EXTERNAL: u32 = 1 << 1;
+/// The frontend is a NodePort on a node address (display only; also `SVC_F_EXTERNAL`).
+pub const SVC_F_NODE_PORT: u32 = 1 << 2;
+/// The frontend's table holds only this node's endpoints (`externalTrafficPolicy: Local`
+/// for external frontends, `internalTrafficPolicy: Local` for ClusterIPs). Also selects
+/// the affinity scope (`AffinityKey::scope`).
+pub const SVC_F_LOCAL: u32 = 1 << 3;
+/// With `maglev_size == 0`: drop (`R_DROP_NO_LOCAL_ENDPOINTS`) instead of refusing. Set on
+/// `SVC_F_LOCAL` frontends whose service has endpoints elsewhere.
+pub const SVC_F_DROP_IF_EMPTY: u32 = 1 << 4;
+/// Only sources in SRC_RANGES (under this `svc_id`) may use the frontend; others are
+/// dropped (`R_DROP_SOURCE_RANGE`). Set on LoadBalancer frontends of services with
+/// `loadBalancerSourceRanges`.
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 5;
+/// `sessionAffinity: ClientIP`: new flows from a client that had a flow to this service
+/// port within `affinity_timeout_s` go to the same backend (AFFINITY map).
+pub const SVC_F_AFFINITY: u32 = 1 << 6;
 
-/// SERVICES value. Several frontends of one service port share `svc_id` and its table.
+/// SERVICES value. Several frontends of one service port share `svc_id`; frontends of
+/// different scopes (cluster / local) point at different Maglev tables.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
     /// Index into SVC_STATS and SVC_META.
     pub svc_id: u32,
-    /// First slot of this service's Maglev table in MAGLEV.
+    /// First slot of this frontend's Maglev table in MAGLEV.
     pub maglev_offset: u32,
-    /// Prime table size; 0 means no ready endpoints (new flows are refused).
+    /// Prime table size; 0 means no usable endpoints (new flows are refused, or dropped
+    /// with `SVC_F_DROP_IF_EMPTY`).
     pub maglev_size: u32,
     /// `SVC_F_*`.
     pub flags: u32,
+    /// ClientIP affinity timeout in seconds (with `SVC_F_AFFINITY`; kube-proxy's default
+    /// is 10800).
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
+
+/// AFFINITY key (LRU hash): one client of one service port in one scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// Client (source) address as the frontend saw it.
+    pub client: [u8; 16],
+    pub svc_id: u32,
+    /// 0: cluster-wide table, 1: node-local table (`SVC_F_LOCAL`).
+    pub scope: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
+
+/// AFFINITY value. Written by the programs on every new flow of an affinity frontend;
+/// an entry older than the frontend's `affinity_timeout_s`, or whose backend is no longer
+/// `BACKEND_F_ACTIVE`, is ignored (and overwritten). The agent deletes the entries of a
+/// service port's clients when a backend leaves that port's tables or the port goes away.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the client's last new flow.
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// SRC_RANGES data (LPM trie, under aya's `lpm_trie::Key { prefix_len, data }`): the
+/// prefix always covers `svc_id` whole, so `prefix_len = 32 + address bits` where an IPv4
+/// range `a.b.c.d/n` is `96 + n` bits of its IPv4-mapped form. The value (`u32`) is unused
+/// (1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SrcRangeData {
+    /// In network byte order, so that the trie's bit order walks it whole first.
+    pub svc_id_be: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SrcRangeData>() == 20);
 
 /// BACKENDS value, indexed by backend id.
 #[repr(C)]
@@ -355,6 +433,9 @@ mod pod {
     unsafe impl aya::Pod for IfaceInfo {}
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for NameMeta {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SrcRangeData {}
 }
 
 #[cfg(test)]
@@ -400,4 +481,75 @@ mod tests {
         assert!(is_v4_mapped(&a));
         assert_eq!(&a[12..], &[198, 18, 0, 1]);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Socket-level load balancing (lb-ebpf/src/sock.rs): cgroup sock_addr programs that
+// translate services for processes in the agent's own network namespace, which XDP never
+// sees (host-network pods, node daemons; kube-proxy's OUTPUT chain).
+// ---------------------------------------------------------------------------------------
+
+/// Reverse translation of sockets whose destination a program rewrote to a backend.
+pub const MAP_SOCK_RNAT: &str = "SOCK_RNAT";
+/// Sockets remembered for reverse translation (LRU: the oldest are forgotten first, which
+/// only makes their getpeername()/recvmsg() show the backend instead of the VIP).
+pub const MAX_SOCK_RNAT: u32 = 65_536;
+
+/// The cgroup sock_addr programs, in attach order: the reverse programs first, so no
+/// socket is ever translated forward without its answers being translated back.
+pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+pub const PROG_SOCK_RECVMSG6: &str = "sock_recvmsg6";
+pub const PROG_SOCK_GETPEER4: &str = "sock_getpeer4";
+pub const PROG_SOCK_GETPEER6: &str = "sock_getpeer6";
+pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
+pub const PROG_SOCK_CONNECT6: &str = "sock_connect6";
+pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
+pub const PROG_SOCK_SENDMSG6: &str = "sock_sendmsg6";
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    PROG_SOCK_RECVMSG4,
+    PROG_SOCK_RECVMSG6,
+    PROG_SOCK_GETPEER4,
+    PROG_SOCK_GETPEER6,
+    PROG_SOCK_CONNECT4,
+    PROG_SOCK_CONNECT6,
+    PROG_SOCK_SENDMSG4,
+    PROG_SOCK_SENDMSG6,
+];
+/// The load-time global holding the network namespace cookie the programs act for (0, the
+/// default, is never a namespace's cookie: the programs then do nothing).
+pub const SOCK_NETNS_GLOBAL: &str = "SOCK_NETNS_COOKIE";
+
+/// SOCK_RNAT key: a socket (`bpf_get_socket_cookie`) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRnatKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    // Integers rather than a byte array: the BPF backend turns a zeroed `[u8; N]` into a
+    // call to `memset`, which the verifier rejects.
+    pub _pad: u16,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRnatKey>() == 32);
+
+/// SOCK_RNAT value: the frontend the application asked for. Used only while that frontend
+/// still exists with the same `svc_id` (a deleted service's sockets see the real peer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRnatValue {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub svc_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRnatValue>() == 24);
+
+#[cfg(feature = "user")]
+mod sock_pod {
+    use super::*;
+    // SAFETY: repr(C), Copy, no implicit padding, valid for any bit pattern.
+    unsafe impl aya::Pod for SockRnatKey {}
+    unsafe impl aya::Pod for SockRnatValue {}
 }

@@ -1,13 +1,14 @@
 //! Flow tracking: reply lookup (RNAT), backend choice (CT, Maglev) and entry creation.
 
 use crate::{
-    maps::{BACKENDS, CT, MAGLEV, RNAT},
+    maps::{AFFINITY, BACKENDS, CT, MAGLEV, NAT_SCRATCH, RNAT},
     parse::{be32, zero_pad},
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    is_v4_mapped, Backend, FlowKey, NatEntry, ServiceValue, BACKEND_F_ACTIVE, NAT_F_SNAT,
-    R_DROP_FAMILY, R_DROP_NO_BACKEND, R_PASS_CT_FULL,
+    is_v4_mapped, AffinityKey, AffinityValue, Backend, FlowKey, NatEntry, ServiceValue,
+    BACKEND_F_ACTIVE, NAT_F_SNAT, R_DROP_FAMILY, R_DROP_NO_BACKEND, R_PASS_CT_FULL, SVC_F_AFFINITY,
+    SVC_F_LOCAL,
 };
 
 /// Create or replace: a rescheduled flow overwrites its old entries.
@@ -28,16 +29,83 @@ fn backend(id: u32) -> Option<&'static Backend> {
     Some(b)
 }
 
-/// The forward entry of a tracked flow whose backend still exists as it was when the flow
-/// was created (a freed and reused id must not carry an old flow to a new pod).
-#[inline(always)]
-pub fn tracked(key: &FlowKey) -> Option<&'static NatEntry> {
-    let e = unsafe { &*CT.get_ptr(key)? };
-    let b = backend(e.backend_id)?;
-    if b.addr != e.new_dst || b.port_be != e.new_dport_be {
-        return None;
+/// What CT knows about a forward packet's flow.
+pub enum Tracked {
+    /// Tracked, and its backend still exists as it was when the flow was created.
+    Live(&'static NatEntry),
+    /// Tracked, but the backend is gone (or its id was freed and reused: that must not
+    /// carry an old flow to a new pod). Rescheduled like a new flow.
+    Stale(&'static NatEntry),
+    Untracked,
+}
+
+impl Tracked {
+    /// The entry to replace when the flow is scheduled (anew).
+    #[inline(always)]
+    pub fn stale(self) -> Option<&'static NatEntry> {
+        match self {
+            Tracked::Stale(e) => Some(e),
+            _ => None,
+        }
     }
-    Some(e)
+}
+
+/// Looks up a forward packet's flow in CT and checks its backend against BACKENDS.
+#[inline(always)]
+pub fn tracked(key: &FlowKey) -> Tracked {
+    let Some(e) = CT.get_ptr(key) else {
+        return Tracked::Untracked;
+    };
+    let e = unsafe { &*e };
+    match backend(e.backend_id) {
+        Some(b) if b.addr == e.new_dst && b.port_be == e.new_dport_be => Tracked::Live(e),
+        _ => Tracked::Stale(e),
+    }
+}
+
+/// Makes sure the reply entry of a tracked flow is the one this flow needs.
+///
+/// xdplb does not SNAT, so two flows from the same client address and port to two
+/// frontends that share a backend (a ClusterIP and a LoadBalancer IP of one service, two
+/// services over the same pods, a NodePort after the LB IP) are the same tuple at the
+/// pod: they share one RNAT key, and the later flow's entry replaced the earlier one's. A
+/// client reusing its port for the earlier frontend then hits the earlier flow's live CT
+/// entry, and its replies would leave with the other frontend's address (seen in `bench
+/// tcp`: 2 s stalls). Checked on TCP SYNs (a connection starts; one lookup) and on every
+/// UDP packet (no handshake to tell a new flow).
+#[inline(never)]
+pub fn ensure_reply(key: &FlowKey, e: &NatEntry) {
+    let mut rkey = FlowKey {
+        src: e.new_dst,
+        dst: e.new_src,
+        sport_be: e.new_dport_be,
+        dport_be: e.new_sport_be,
+        proto: key.proto,
+        _pad: [1; 3],
+    };
+    zero_pad(&mut rkey._pad);
+    if let Some(r) = RNAT.get_ptr(&rkey) {
+        let r = unsafe { &*r };
+        if r.new_src == key.dst
+            && r.new_sport_be == key.dport_be
+            && r.new_dst == key.src
+            && r.new_dport_be == key.sport_be
+        {
+            return;
+        }
+    }
+    let rev = NatEntry {
+        new_src: key.dst,
+        new_dst: key.src,
+        new_sport_be: key.dport_be,
+        new_dport_be: key.sport_be,
+        backend_id: e.backend_id,
+        svc_id: e.svc_id,
+        flags: e.flags,
+        created_ns: e.created_ns,
+    };
+    // Full of pinned entries: the replies keep the other frontend's address, as before.
+    let _ = RNAT.insert(rkey, rev, BPF_ANY);
 }
 
 #[inline(always)]
@@ -86,13 +154,26 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
     fmix(h ^ 37)
 }
 
-/// Picks a backend through the service's Maglev table and records the flow in both
-/// directions, returning the forward entry as stored in CT. `Err` carries the reason when
-/// the packet cannot be NATed.
-// Not inlined: its temporaries get their own stack frame; inlined into the entry point the
-// program exceeded LLVM's 512-byte BPF stack limit.
-#[inline(never)]
-pub fn schedule(key: &FlowKey, svc: &ServiceValue, v6: bool) -> Result<&'static NatEntry, u32> {
+/// The backend of a fresh affinity entry, if that backend is still active and of the
+/// frontend's family; `None` sends the flow through Maglev.
+#[inline(always)]
+fn affine(a: &AffinityValue, svc: &ServiceValue, v6: bool, now: u64) -> Option<(u32, Backend)> {
+    // An entry stamped after `now` was written by another CPU a moment ago: age 0.
+    let age = now.saturating_sub(a.last_ns);
+    if age >= svc.affinity_timeout_s as u64 * 1_000_000_000 {
+        return None;
+    }
+    let id = a.backend_id;
+    let b = backend(id)?;
+    if is_v4_mapped(&b.addr) == v6 {
+        return None;
+    }
+    Some((id, *b))
+}
+
+/// The backend in the flow's Maglev slot.
+#[inline(always)]
+fn maglev(key: &FlowKey, svc: &ServiceValue) -> Result<(u32, Backend), u32> {
     // The caller checked this; repeated so the modulo below has no division-by-zero panic
     // path, whose trailing call the verifier rejected ("last insn is not an exit or jmp").
     if svc.maglev_size == 0 {
@@ -105,6 +186,38 @@ pub fn schedule(key: &FlowKey, svc: &ServiceValue, v6: bool) -> Result<&'static 
             .ok_or(R_DROP_NO_BACKEND)?
     };
     let b = *backend(id).ok_or(R_DROP_NO_BACKEND)?;
+    Ok((id, b))
+}
+
+/// Picks a backend (the client's affinity backend, else the service's Maglev table) and
+/// records the flow in both directions, returning the forward entry. `stale` is the
+/// flow's CT entry if it had one (`Tracked::Stale`). `Err` carries the reason when the
+/// packet cannot be NATed.
+// Not inlined: its temporaries get their own stack frame; inlined into the entry point the
+// program exceeded LLVM's 512-byte BPF stack limit.
+#[inline(never)]
+pub fn schedule(
+    key: &FlowKey,
+    svc: &ServiceValue,
+    v6: bool,
+    stale: Option<&NatEntry>,
+) -> Result<&'static NatEntry, u32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let akey = AffinityKey {
+        client: key.src,
+        svc_id: svc.svc_id,
+        scope: (svc.flags & SVC_F_LOCAL != 0) as u32,
+    };
+    let aff = if affinity {
+        AFFINITY.get_ptr_mut(&akey)
+    } else {
+        None
+    };
+    let (id, b) = match aff.and_then(|a| affine(unsafe { &*a }, svc, v6, now)) {
+        Some(hit) => hit,
+        None => maglev(key, svc)?,
+    };
     if is_v4_mapped(&b.addr) == v6 {
         return Err(R_DROP_FAMILY);
     }
@@ -116,8 +229,10 @@ pub fn schedule(key: &FlowKey, svc: &ServiceValue, v6: bool) -> Result<&'static 
     } else {
         (key.src, 0)
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let fwd = NatEntry {
+    // Built in a per-CPU slot that the caller then NATs from: returning the entry as
+    // stored in CT took one more CT lookup per new flow.
+    let fwd = unsafe { &mut *NAT_SCRATCH.get_ptr_mut(0).ok_or(R_PASS_CT_FULL)? };
+    *fwd = NatEntry {
         new_src,
         new_dst: b.addr,
         new_sport_be: key.sport_be,
@@ -148,8 +263,7 @@ pub fn schedule(key: &FlowKey, svc: &ServiceValue, v6: bool) -> Result<&'static 
         created_ns: now,
     };
     // A rescheduled flow leaves the reply entry of its old backend behind.
-    if let Some(old) = CT.get_ptr(key) {
-        let old = unsafe { &*old };
+    if let Some(old) = stale {
         let mut okey = FlowKey {
             src: old.new_dst,
             dst: old.new_src,
@@ -164,12 +278,29 @@ pub fn schedule(key: &FlowKey, svc: &ServiceValue, v6: bool) -> Result<&'static 
     // Reply entry first: a forward entry without its reply would NAT one way only.
     RNAT.insert(rkey, rev, BPF_ANY)
         .map_err(|_| R_PASS_CT_FULL)?;
-    if CT.insert(key, fwd, BPF_ANY).is_err() {
+    if CT.insert(key, &*fwd, BPF_ANY).is_err() {
         let _ = RNAT.remove(rkey);
         return Err(R_PASS_CT_FULL);
     }
-    // NAT from the stored entry, so the caller's frame holds no copy of it.
-    CT.get_ptr(key)
-        .map(|e| unsafe { &*e })
-        .ok_or(R_PASS_CT_FULL)
+    if affinity {
+        // Every new flow refreshes the client's entry, hit or not. An existing entry is
+        // updated in place: cheaper than an LRU insert, which allocates and relinks.
+        match aff {
+            Some(a) => unsafe {
+                (*a).backend_id = id;
+                (*a).last_ns = now;
+            },
+            None => {
+                let val = AffinityValue {
+                    backend_id: id,
+                    _pad: 0,
+                    last_ns: now,
+                };
+                // Full of pinned entries: the flow is NATed all the same, it only has no
+                // affinity for the next one.
+                let _ = AFFINITY.insert(&akey, &val, BPF_ANY);
+            }
+        }
+    }
+    Ok(fwd)
 }

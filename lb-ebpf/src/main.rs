@@ -7,6 +7,7 @@
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod forward;
+mod gen;
 #[cfg(target_arch = "bpf")]
 mod lookup;
 #[cfg(target_arch = "bpf")]
@@ -17,24 +18,27 @@ mod nat;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod reject;
+mod sock;
 #[cfg(target_arch = "bpf")]
 mod stats;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
     use crate::{
-        conntrack, forward, lookup,
+        conntrack::{self, Tracked},
+        forward, lookup,
         maps::{IFACES, SCRATCH},
         nat,
-        parse::{self, Parsed, Pkt, XDP_DROP, XDP_PASS, XDP_TX},
+        parse::{self, Parsed, Pkt, TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, XDP_TX},
         reject, stats,
     };
     use aya_ebpf::{helpers::bpf_redirect, macros::xdp, programs::XdpContext};
     use aya_log_ebpf::debug;
     use lb_common::{
-        NatEntry, IFACE_F_GENERIC, IFACE_F_VETH, R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_FWD_PASS,
+        NatEntry, IFACE_F_GENERIC, IFACE_F_VETH, PROTO_TCP, PROTO_UDP, R_DROP_BAD_L3,
+        R_DROP_NO_ENDPOINTS, R_DROP_NO_LOCAL_ENDPOINTS, R_DROP_SOURCE_RANGE, R_FWD_PASS,
         R_FWD_REDIRECT, R_PASS_CT_FULL, R_PASS_NOT_SERVICE, R_REJECT_NO_ENDPOINTS, R_RNAT_PASS,
-        R_RNAT_REDIRECT,
+        R_RNAT_REDIRECT, SVC_F_DROP_IF_EMPTY, SVC_F_SOURCE_RANGES,
     };
 
     /// Set to 1 at load time (`--debug`) to log one line per verdict through aya-log.
@@ -97,6 +101,50 @@ mod prog {
                 };
             }
         };
+        let bytes = (ctx.data_end() - ctx.data()) as u64;
+
+        if let Some(e) = conntrack::reply(&p.key) {
+            iface(ctx, p);
+            return nat_and_forward(ctx, p, e, true, bytes, false);
+        }
+
+        let Some(svc) = lookup::service(&p.key.dst, p.key.dport_be, p.key.proto) else {
+            return v(XDP_PASS, R_PASS_NOT_SERVICE);
+        };
+        // Every packet, not only new flows: removing a range cuts its live flows too, as
+        // kube-proxy's filter rule does.
+        if svc.flags & SVC_F_SOURCE_RANGES != 0 && !lookup::source_allowed(svc.svc_id, &p.key.src) {
+            return v(XDP_DROP, R_DROP_SOURCE_RANGE);
+        }
+        iface(ctx, p);
+        let p = &*p;
+        let (e, new_flow) = match conntrack::tracked(&p.key) {
+            Tracked::Live(e) => {
+                let syn = p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                if syn || p.key.proto == PROTO_UDP {
+                    conntrack::ensure_reply(&p.key, e);
+                }
+                (e, false)
+            }
+            // Endpoints exist elsewhere but not here: kube-proxy drops silently, so a
+            // client retries rather than being told the service is down.
+            _ if svc.maglev_size == 0 && svc.flags & SVC_F_DROP_IF_EMPTY != 0 => {
+                return v(XDP_DROP, R_DROP_NO_LOCAL_ENDPOINTS)
+            }
+            _ if svc.maglev_size == 0 => return refuse(ctx, p),
+            t => match conntrack::schedule(&p.key, &svc, p.v6, t.stale()) {
+                Ok(e) => (e, true),
+                Err(R_PASS_CT_FULL) => return v(XDP_PASS, R_PASS_CT_FULL),
+                Err(reason) => return v(XDP_DROP, reason),
+            },
+        };
+        nat_and_forward(ctx, p, e, false, bytes, new_flow)
+    }
+
+    /// Fills in what the ingress interface tells about the packet. Only packets that will
+    /// be rewritten or answered need it: the pass-through path skips this lookup.
+    #[inline(always)]
+    fn iface(ctx: &XdpContext, p: &mut Pkt) {
         let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
         // No entry (e.g. BPF_PROG_TEST_RUN on loopback): an edge, not a veth, not generic.
         p.in_flags = IFACES
@@ -104,26 +152,6 @@ mod prog {
             .map(|i| unsafe { (*i).flags })
             .unwrap_or(0);
         p.partial = p.in_flags & IFACE_F_VETH != 0 && nat::looks_partial(p);
-        let p = &*p;
-        let bytes = (ctx.data_end() - ctx.data()) as u64;
-
-        if let Some(e) = conntrack::reply(&p.key) {
-            return nat_and_forward(ctx, p, e, true, bytes, false);
-        }
-
-        let Some(svc) = lookup::service(&p.key.dst, p.key.dport_be, p.key.proto) else {
-            return v(XDP_PASS, R_PASS_NOT_SERVICE);
-        };
-        let (e, new_flow) = match conntrack::tracked(&p.key) {
-            Some(e) => (e, false),
-            None if svc.maglev_size == 0 => return refuse(ctx, p),
-            None => match conntrack::schedule(&p.key, &svc, p.v6) {
-                Ok(e) => (e, true),
-                Err(R_PASS_CT_FULL) => return v(XDP_PASS, R_PASS_CT_FULL),
-                Err(reason) => return v(XDP_DROP, reason),
-            },
-        };
-        nat_and_forward(ctx, p, e, false, bytes, new_flow)
     }
 
     /// Rewrites, counts and forwards a packet of a known flow (`reply`: backend to client).

@@ -8,12 +8,12 @@ use crate::parse::Pkt;
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, FlowKey, IfaceInfo, NameMeta, NatEntry, ServiceKey, ServiceValue, VipInfo,
-    MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_FRONTENDS, MAX_IFACES, MAX_SERVICES, MAX_VIPS,
-    NUM_REASONS,
+    AffinityKey, AffinityValue, Backend, Counters, FlowKey, IfaceInfo, NameMeta, NatEntry,
+    ServiceKey, ServiceValue, SrcRangeData, VipInfo, MAGLEV_SLOTS, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_FLOWS, MAX_FRONTENDS, MAX_IFACES, MAX_SERVICES, MAX_SRC_RANGES, MAX_VIPS, NUM_REASONS,
 };
 
 #[map(name = "SERVICES")]
@@ -46,6 +46,17 @@ pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(NUM_REASONS, 0);
 #[map(name = "IFACES")]
 pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(MAX_IFACES, 0);
 
+/// ClientIP session affinity: (client, svc_id, scope) -> last backend. LRU: a client that
+/// stopped coming is forgotten first when the map is full, which only costs it its
+/// affinity.
+#[map(name = "AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
+
+/// `loadBalancerSourceRanges`, keyed by (svc_id, address) prefixes. aya-ebpf adds
+/// BPF_F_NO_PREALLOC, which the kernel requires for LPM tries.
+#[map(name = "SRC_RANGES")]
+pub static SRC_RANGES: LpmTrie<SrcRangeData, u32> = LpmTrie::pinned(MAX_SRC_RANGES, 0);
+
 // Only user space reads these; they are defined here so that every map of the project is
 // created (and pinned) by loading the object.
 #[map(name = "SVC_META")]
@@ -63,3 +74,8 @@ pub static SCRATCH: PerCpuArray<Pkt> = PerCpuArray::with_max_entries(1, 0);
 /// bpf_fib_lookup parameters, per CPU, for the same reason as SCRATCH.
 #[map(name = "FIB_SCRATCH")]
 pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// The forward entry of a flow being scheduled, per CPU: the packet is NATed from here
+/// rather than from CT, which would take one more lookup (see `conntrack::schedule`).
+#[map(name = "NAT_SCRATCH")]
+pub static NAT_SCRATCH: PerCpuArray<NatEntry> = PerCpuArray::with_max_entries(1, 0);

@@ -1,17 +1,24 @@
 //! Address and port rewriting with incremental checksum updates (RFC 1624).
 
-use crate::parse::{be16, be16_bytes, ne16_bytes, ptr_at, Ipv4Hdr, Ipv6Hdr, Pkt, TcpHdr, UdpHdr};
+use crate::parse::{
+    be16, be16_bytes, copy16, ne16_bytes, ptr_at, sum16_ne, Ipv4Hdr, Ipv6Hdr, Pkt, TcpHdr, UdpHdr,
+};
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    csum::{
-        apply_full, apply_partial, diff16, diff_bytes, fold, pseudo_v4, pseudo_v6, udp_nonzero,
-    },
+    csum::{add16, apply_full, apply_partial, diff16, diff_bytes, fold, pseudo_v4, udp_nonzero},
     NatEntry, PROTO_TCP,
 };
 
 #[inline(always)]
 fn v4(a: &[u8; 16]) -> [u8; 4] {
     [a[12], a[13], a[14], a[15]]
+}
+
+/// Folds a host-order sum (`sum16_ne`) into the network-order value the `csum` functions
+/// work with. At most 32 words of 0xffff are ever added: the u32 does not overflow.
+#[inline(always)]
+fn fold_ne(sum: u32) -> u32 {
+    u16::from_be(fold(sum)) as u32
 }
 
 /// True if the L4 checksum field holds exactly the folded pseudo-header sum: the packet
@@ -21,7 +28,8 @@ fn v4(a: &[u8; 16]) -> [u8; 4] {
 #[inline(never)]
 pub fn looks_partial(p: &Pkt) -> bool {
     let sum = if p.v6 {
-        pseudo_v6(&p.key.src, &p.key.dst, p.key.proto, p.l4_len)
+        let s = fold_ne(sum16_ne(sum16_ne(0, &p.key.src, false), &p.key.dst, false));
+        add16(add16(s, p.key.proto as u16), p.l4_len)
     } else {
         pseudo_v4(&v4(&p.key.src), &v4(&p.key.dst), p.key.proto, p.l4_len)
     };
@@ -38,11 +46,14 @@ pub fn rewrite(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Result<(), ()> {
     // Address changes enter both the IPv4 header checksum and the L4 pseudo-header.
     let addr_diff = if p.v6 {
         let ip = unsafe { &mut *ptr_at::<Ipv6Hdr>(ctx, p.l3()).ok_or(())? };
-        let d = diff_bytes(0, &ip.src, &e.new_src);
-        let d = diff_bytes(d, &ip.dst, &e.new_dst);
-        ip.src = e.new_src;
-        ip.dst = e.new_dst;
-        d
+        // `!old + new` over both addresses.
+        let d = sum16_ne(0, &ip.src, true);
+        let d = sum16_ne(d, &e.new_src, false);
+        let d = sum16_ne(d, &ip.dst, true);
+        let d = sum16_ne(d, &e.new_dst, false);
+        copy16(&mut ip.src, &e.new_src);
+        copy16(&mut ip.dst, &e.new_dst);
+        fold_ne(d)
     } else {
         let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(ctx, p.l3()).ok_or(())? };
         let (src, dst) = (v4(&e.new_src), v4(&e.new_dst));

@@ -10,6 +10,7 @@ pub mod loader;
 pub mod maglev;
 pub mod maps;
 pub mod model;
+pub mod ops;
 pub mod reconciler;
 pub mod sources;
 pub mod translate;

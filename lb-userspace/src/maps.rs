@@ -6,15 +6,18 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::{
-    is_v4_mapped, v4_mapped, Backend, Counters, FlowKey, IfaceInfo, NameMeta, NatEntry, ServiceKey,
-    ServiceValue, VipInfo, BACKEND_F_ACTIVE, MAP_BACKENDS, MAP_BE_META, MAP_BE_STATS, MAP_CT,
-    MAP_IFACES, MAP_MAGLEV, MAP_REASONS, MAP_RNAT, MAP_SERVICES, MAP_SVC_META, MAP_SVC_STATS,
-    MAP_VIPS, NUM_REASONS, REASON_NAMES,
+    is_v4_mapped, v4_mapped, AffinityKey, AffinityValue, Backend, Counters, FlowKey, IfaceInfo,
+    NameMeta, NatEntry, ServiceKey, ServiceValue, SrcRangeData, VipInfo, BACKEND_F_ACTIVE,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_BE_META, MAP_BE_STATS, MAP_CT, MAP_IFACES, MAP_MAGLEV,
+    MAP_REASONS, MAP_RNAT, MAP_SERVICES, MAP_SRC_RANGES, MAP_SVC_META, MAP_SVC_STATS, MAP_VIPS,
+    NUM_REASONS, REASON_NAMES,
 };
 
+use crate::model::Prefix;
 use crate::reconciler::{MapSnapshot, MapWriter};
 
 /// A failed map operation, naming the map and the key.
@@ -52,6 +55,16 @@ pub enum MapError {
     },
 }
 
+/// A delete of a key that is not there: aya reports the kernel's ENOENT as a syscall
+/// error (only lookups become `KeyNotFound`).
+fn absent(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn op_err(
     op: &'static str,
     map: &'static str,
@@ -83,6 +96,83 @@ pub fn addr_from_map(a: &[u8; 16]) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15]))
     } else {
         IpAddr::V6(Ipv6Addr::from(*a))
+    }
+}
+
+/// One SRC_RANGES entry: a `loadBalancerSourceRanges` prefix of one service port, in the
+/// map's terms (see `lb_common::SrcRangeData`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange {
+    pub svc_id: u32,
+    /// Prefix bits of `addr`: 0..=128, an IPv4 `a.b.c.d/n` being `96 + n` bits of its
+    /// IPv4-mapped form.
+    pub bits: u32,
+    /// 16-byte address, bits past `bits` zeroed.
+    pub addr: [u8; 16],
+}
+
+/// `addr` with every bit from `bits` on cleared.
+fn mask(mut addr: [u8; 16], bits: u32) -> [u8; 16] {
+    for (i, b) in addr.iter_mut().enumerate() {
+        let first = i as u32 * 8;
+        if bits <= first {
+            *b = 0;
+        } else if bits < first + 8 {
+            *b &= 0xffu8 << (8 - (bits - first));
+        }
+    }
+    addr
+}
+
+impl SrcRange {
+    /// The entry of `p` for service port `svc_id` (host bits cleared, whatever `p` holds).
+    pub fn new(svc_id: u32, p: &Prefix) -> Self {
+        let bits = match p.addr {
+            IpAddr::V4(_) => 96 + u32::from(p.len),
+            IpAddr::V6(_) => u32::from(p.len),
+        }
+        .min(128);
+        Self {
+            svc_id,
+            bits,
+            addr: mask(addr_to_map(p.addr), bits),
+        }
+    }
+
+    /// The LPM trie key: `svc_id` (32 bits) then the address bits.
+    pub fn key(&self) -> LpmKey<SrcRangeData> {
+        LpmKey::new(
+            32 + self.bits,
+            SrcRangeData {
+                svc_id_be: self.svc_id.to_be(),
+                addr: self.addr,
+            },
+        )
+    }
+
+    /// Back from a trie key; `None` for a key that does not cover the svc_id whole (not
+    /// written by the agent).
+    pub fn from_key(k: &LpmKey<SrcRangeData>) -> Option<Self> {
+        let d = k.data();
+        let bits = k.prefix_len().checked_sub(32).filter(|b| *b <= 128)?;
+        Some(Self {
+            svc_id: u32::from_be(d.svc_id_be),
+            bits,
+            addr: d.addr,
+        })
+    }
+
+    /// As a person writes it: `198.18.0.0/24`, `2001:db8::/32`.
+    pub fn prefix(&self) -> Prefix {
+        let addr = addr_from_map(&self.addr);
+        let len = match addr {
+            IpAddr::V4(_) => self.bits.saturating_sub(96),
+            IpAddr::V6(_) => self.bits,
+        };
+        Prefix {
+            addr,
+            len: len as u8,
+        }
     }
 }
 
@@ -121,6 +211,7 @@ pub struct FrontendInfo {
     pub maglev_offset: u32,
     pub maglev_size: u32,
     pub flags: u32,
+    pub affinity_timeout_s: u32,
 }
 
 /// A service port: its name (SVC_META), frontends (SERVICES) and counters summed over CPUs.
@@ -181,6 +272,9 @@ pub struct LbMaps {
     reasons: PerCpuArray<MapData, u64>,
     svc_meta: HashMap<MapData, u32, NameMeta>,
     be_meta: HashMap<MapData, u32, NameMeta>,
+    /// An LRU hash; aya's `HashMap` handles both hash types.
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    src_ranges: LpmTrie<MapData, SrcRangeData, u32>,
     /// Set once the kernel refused BPF_MAP_UPDATE_BATCH on MAGLEV: slots are then written
     /// one syscall each.
     maglev_batch_unsupported: bool,
@@ -253,6 +347,8 @@ impl LbMaps {
             reasons: src.open(MAP_REASONS)?,
             svc_meta: src.open(MAP_SVC_META)?,
             be_meta: src.open(MAP_BE_META)?,
+            affinity: src.open(MAP_AFFINITY)?,
+            src_ranges: src.open(MAP_SRC_RANGES)?,
             maglev_batch_unsupported: false,
         })
     }
@@ -285,6 +381,7 @@ impl LbMaps {
                 maglev_offset: v.maglev_offset,
                 maglev_size: v.maglev_size,
                 flags: v.flags,
+                affinity_timeout_s: v.affinity_timeout_s,
             });
         }
         for e in by_id.values_mut() {
@@ -399,6 +496,40 @@ impl LbMaps {
         Ok(out)
     }
 
+    /// Every SRC_RANGES entry, sorted by svc_id, then IPv4 before IPv6, by address.
+    pub fn list_src_ranges(&self) -> Result<Vec<SrcRange>, MapError> {
+        let mut out = Vec::new();
+        // Keys only: a value lookup on an LPM trie is a longest-prefix match, not the entry.
+        for k in self.src_ranges.keys() {
+            let k = k.map_err(op_err("iterate", MAP_SRC_RANGES, "*"))?;
+            if let Some(r) = SrcRange::from_key(&k) {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|r| (r.svc_id, r.prefix()));
+        Ok(out)
+    }
+
+    /// ClientIP affinity entries (AFFINITY), at most `limit`, in the map's order.
+    pub fn list_affinity(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError> {
+        let mut out = Vec::new();
+        for r in self.affinity.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            match r {
+                Ok(kv) => out.push(kv),
+                // An LRU entry can be evicted between the key walk and the lookup.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(op_err("iterate", MAP_AFFINITY, "*")(source)),
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads the whole MAGLEV range of one table (for lbctl and tests).
     pub fn maglev_range(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
         (offset..offset.saturating_add(len))
@@ -435,7 +566,48 @@ impl MapWriter for LbMaps {
             backends: self.active_backends()?,
             svc_meta: hash_entries(&self.svc_meta, MAP_SVC_META)?,
             be_meta: hash_entries(&self.be_meta, MAP_BE_META)?,
+            src_ranges: self.list_src_ranges()?,
         })
+    }
+
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError> {
+        // The programs insert and evict while the keys are walked, and a walk whose current
+        // key was evicted restarts from the first one: bound it.
+        self.list_affinity(2 * lb_common::MAX_AFFINITY as usize)
+    }
+
+    fn delete_affinity(&mut self, key: &AffinityKey) -> Result<(), MapError> {
+        match self.affinity.remove(key) {
+            // Evicted or replaced meanwhile by the programs: gone either way.
+            Ok(()) => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
+            Err(source) => Err(op_err(
+                "delete",
+                MAP_AFFINITY,
+                format!(
+                    "{}/{}/{}",
+                    addr_from_map(&key.client),
+                    key.svc_id,
+                    key.scope
+                ),
+            )(source)),
+        }
+    }
+
+    fn put_src_range(&mut self, r: &SrcRange) -> Result<(), MapError> {
+        self.src_ranges.insert(&r.key(), 1, 0).map_err(op_err(
+            "insert",
+            MAP_SRC_RANGES,
+            fmt_src_range(r),
+        ))
+    }
+
+    fn delete_src_range(&mut self, r: &SrcRange) -> Result<(), MapError> {
+        match self.src_ranges.remove(&r.key()) {
+            Ok(()) => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
+            Err(source) => Err(op_err("delete", MAP_SRC_RANGES, fmt_src_range(r))(source)),
+        }
     }
 
     fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
@@ -457,7 +629,8 @@ impl MapWriter for LbMaps {
             .set(id, Backend::default(), 0)
             .map_err(op_err("set", MAP_BACKENDS, id))?;
         match self.be_meta.remove(&id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
             Err(source) => Err(op_err("delete", MAP_BE_META, id)(source)),
         }
     }
@@ -516,7 +689,8 @@ impl MapWriter for LbMaps {
 
     fn delete_frontend(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         match self.services.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
             Err(source) => Err(op_err("delete", MAP_SERVICES, fmt_key(key))(source)),
         }
     }
@@ -529,7 +703,8 @@ impl MapWriter for LbMaps {
 
     fn delete_vip(&mut self, addr: &[u8; 16]) -> Result<(), MapError> {
         match self.vips.remove(addr) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
             Err(source) => Err(op_err("delete", MAP_VIPS, addr_from_map(addr))(source)),
         }
     }
@@ -542,7 +717,8 @@ impl MapWriter for LbMaps {
 
     fn delete_svc_meta(&mut self, svc_id: u32) -> Result<(), MapError> {
         match self.svc_meta.remove(&svc_id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
             Err(source) => Err(op_err("delete", MAP_SVC_META, svc_id)(source)),
         }
     }
@@ -648,6 +824,11 @@ fn update_batch_u32(fd: RawFd, offset: u32, values: &[u32]) -> Result<(), BatchE
     Ok(())
 }
 
+/// `3:198.18.0.0/24` (svc_id, prefix) for error messages.
+pub fn fmt_src_range(r: &SrcRange) -> String {
+    format!("{}:{}", r.svc_id, r.prefix())
+}
+
 /// `198.18.0.10:80/6` style key for error messages.
 pub fn fmt_key(k: &ServiceKey) -> String {
     format!("{}/{}", sock(&k.addr, k.port_be), k.proto)
@@ -674,7 +855,8 @@ impl Ifaces {
 
     pub fn remove(&mut self, ifindex: u32) -> Result<(), MapError> {
         match self.map.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
             Err(source) => Err(op_err("delete", MAP_IFACES, ifindex)(source)),
         }
     }
@@ -715,7 +897,8 @@ mod tests {
 mod kernel_tests {
     use super::*;
     use crate::model::{
-        DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePortId, ServicePortState,
+        DesiredState, Endpoint, Frontend, FrontendKind, Prefix, Protocol, ServicePortId,
+        ServicePortState,
     };
     use crate::reconciler::Reconciler;
     use anyhow::Context as _;
@@ -771,6 +954,7 @@ mod kernel_tests {
                         target: Some("shop/web-0".into()),
                     },
                 ],
+                ..Default::default()
             },
         );
         d
@@ -914,6 +1098,160 @@ mod kernel_tests {
         assert_eq!(rec.counts(), (1, 2));
         let stats = rec.apply(&d).context("apply after reload")?;
         assert_eq!(stats.writes(), 0, "{stats}");
+        Ok(())
+    }
+    #[test]
+    fn source_ranges_and_affinity_purge_on_the_kernel_maps() -> anyhow::Result<()> {
+        let dir = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/xdplb-test-ranges-{}",
+            std::process::id()
+        )));
+        let ip = |s: &str| -> IpAddr { s.parse().expect("test address") };
+        let ep = |a: &str| Endpoint {
+            addr: ip(a),
+            port: 8080,
+            target: None,
+        };
+        let state = |ready: &[&str], draining: &[&str]| {
+            let mut d = DesiredState::default();
+            let eps: Vec<Endpoint> = ready.iter().map(|a| ep(a)).collect();
+            d.services.insert(
+                ServicePortId::new("shop", "web", "http", Protocol::Tcp),
+                ServicePortState {
+                    frontends: vec![Frontend {
+                        addr: ip("198.18.200.10"),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                        kind: FrontendKind::LoadBalancer,
+                    }],
+                    local_endpoints: eps.clone(),
+                    endpoints: eps,
+                    draining: draining.iter().map(|a| ep(a)).collect(),
+                    affinity_timeout_s: Some(60),
+                    source_ranges: vec![
+                        Prefix {
+                            addr: ip("198.18.50.0"),
+                            len: 24,
+                        },
+                        Prefix {
+                            addr: ip("2001:db8:50::"),
+                            len: 48,
+                        },
+                    ],
+                    ..Default::default()
+                },
+            );
+            d
+        };
+        let d = state(&["198.18.1.1", "198.18.1.2"], &[]);
+        let loaded = crate::loader::load(crate::EBPF_OBJ, &dir.0, false).context("load")?;
+        let mut rec = Reconciler::adopt(loaded.maps).context("adopt empty maps")?;
+        rec.apply(&d).context("first apply")?;
+
+        let reader = LbMaps::open_pinned(&dir.0).context("open pinned")?;
+        let svc = reader.list_services()?;
+        let svc_id = svc[0].svc_id;
+        let f = &svc[0].frontends[0];
+        let want =
+            lb_common::SVC_F_EXTERNAL | lb_common::SVC_F_AFFINITY | lb_common::SVC_F_SOURCE_RANGES;
+        assert_eq!((f.flags, f.affinity_timeout_s), (want, 60));
+        let shown: Vec<String> = reader
+            .list_src_ranges()?
+            .iter()
+            .map(|r| format!("{}:{}", r.svc_id, r.prefix()))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                format!("{svc_id}:198.18.50.0/24"),
+                format!("{svc_id}:2001:db8:50::/48")
+            ]
+        );
+        // The lookup the program makes: all 160 bits of (svc_id, source).
+        let allowed = |svc: u32, src: &str| -> anyhow::Result<bool> {
+            let k = LpmKey::new(
+                160,
+                SrcRangeData {
+                    svc_id_be: svc.to_be(),
+                    addr: addr_to_map(ip(src)),
+                },
+            );
+            match reader.src_ranges.get(&k, 0) {
+                Ok(_) => Ok(true),
+                Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        };
+        assert!(allowed(svc_id, "198.18.50.77")?);
+        assert!(!allowed(svc_id, "198.18.51.1")?);
+        assert!(allowed(svc_id, "2001:db8:50:ffff::1")?);
+        assert!(!allowed(svc_id, "2001:db8:51::1")?);
+        assert!(
+            !allowed(svc_id + 1, "198.18.50.77")?,
+            "another port's source"
+        );
+
+        // What the program writes on new flows of two clients.
+        let id_of = |a: &str| -> anyhow::Result<u32> {
+            reader
+                .list_backends()?
+                .iter()
+                .find(|b| b.addr.ip() == ip(a))
+                .map(|b| b.id)
+                .with_context(|| format!("no backend {a}"))
+        };
+        let (b1, b2) = (id_of("198.18.1.1")?, id_of("198.18.1.2")?);
+        for (client, b) in [("198.18.9.1", b1), ("198.18.9.2", b2)] {
+            rec.writer_mut().affinity.insert(
+                AffinityKey {
+                    client: addr_to_map(ip(client)),
+                    svc_id,
+                    scope: 0,
+                },
+                AffinityValue {
+                    backend_id: b,
+                    _pad: 0,
+                    last_ns: 1,
+                },
+                0,
+            )?;
+        }
+        // 198.18.1.2 terminates: out of the table, still a backend, and the client pinned
+        // to it is forgotten.
+        let draining = state(&["198.18.1.1"], &["198.18.1.2"]);
+        let stats = rec.apply(&draining).context("draining")?;
+        assert_eq!(stats.affinity_deleted, 1, "{stats}");
+        let left: Vec<(IpAddr, u32)> = reader
+            .list_affinity(100)?
+            .iter()
+            .map(|(k, v)| (addr_from_map(&k.client), v.backend_id))
+            .collect();
+        assert_eq!(left, vec![(ip("198.18.9.1"), b1)]);
+        let bes = crate::cli::backends(&reader)?;
+        let drain: Vec<(IpAddr, bool)> = bes.iter().map(|b| (b.address, b.draining)).collect();
+        assert_eq!(
+            drain,
+            vec![(ip("198.18.1.1"), false), (ip("198.18.1.2"), true)]
+        );
+        let views = crate::cli::services(&reader)?;
+        assert_eq!(
+            views[0].source_ranges,
+            vec!["198.18.50.0/24", "2001:db8:50::/48"]
+        );
+
+        // A restarted agent adopts all of it without a write.
+        drop(rec);
+        drop(loaded.ebpf);
+        drop(loaded.ifaces);
+        let again = crate::loader::load(crate::EBPF_OBJ, &dir.0, false).context("reload")?;
+        let mut rec = Reconciler::adopt(again.maps).context("adopt pinned maps")?;
+        let stats = rec.apply(&draining).context("apply after reload")?;
+        assert_eq!(stats.writes(), 0, "{stats}");
+        // Everything removed: ranges and affinity entries too.
+        rec.apply(&DesiredState::default()).context("remove")?;
+        assert!(reader.list_src_ranges()?.is_empty());
+        assert!(reader.list_affinity(100)?.is_empty());
+        assert!(reader.list_backends()?.is_empty());
         Ok(())
     }
 }

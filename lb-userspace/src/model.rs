@@ -83,6 +83,18 @@ pub enum FrontendKind {
     ClusterIp,
     LoadBalancer,
     ExternalIp,
+    /// `spec.ports[].nodePort` on one of the node's addresses (NodePort and LoadBalancer
+    /// services).
+    NodePort,
+}
+
+impl FrontendKind {
+    /// LoadBalancer ingress IPs, externalIPs and NodePorts: traffic from outside the
+    /// cluster, governed by `externalTrafficPolicy`. ClusterIPs follow
+    /// `internalTrafficPolicy`.
+    pub fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
 }
 
 /// An address clients connect to: (VIP, port, protocol).
@@ -94,7 +106,7 @@ pub struct Frontend {
     pub kind: FrontendKind,
 }
 
-/// A ready endpoint of a service port: where new flows may go.
+/// An endpoint of a service port (a pod's address and target port).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Endpoint {
     pub addr: IpAddr,
@@ -103,14 +115,84 @@ pub struct Endpoint {
     pub target: Option<String>,
 }
 
+/// An address prefix (`loadBalancerSourceRanges` entry), host bits zeroed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    /// 0..=32 for IPv4, 0..=128 for IPv6.
+    pub len: u8,
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 /// Everything the maps need for one service port.
+///
+/// Endpoint sets follow kube-proxy (1.28+): `endpoints` are the cluster-wide endpoints
+/// that take new flows: the `ready` ones, or, when none is ready, those that are `serving`
+/// and `terminating`. `local_endpoints` is the same rule applied to this node's endpoints
+/// only. `draining` are the remaining endpoints still listed in the slices (terminating,
+/// or not ready): they take no new flows, but their backends stay in the maps so that
+/// established flows keep them until they end.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ServicePortState {
     /// Sorted and without duplicates.
     pub frontends: Vec<Frontend>,
-    /// Ready endpoints, sorted by (addr, port) and without duplicates. Empty means the
-    /// service refuses new connections.
+    /// Cluster-wide endpoints for new flows, sorted by (addr, port), without duplicates.
+    /// Empty means the service refuses new connections (TCP RST / ICMP unreachable).
     pub endpoints: Vec<Endpoint>,
+    /// This node's endpoints for new flows (same rule, same order); the table of `Local`
+    /// frontends. Without a node name (file source, single node) every endpoint is local.
+    pub local_endpoints: Vec<Endpoint>,
+    /// Endpoints kept only for established flows (not in `endpoints`), same order.
+    pub draining: Vec<Endpoint>,
+    /// `internalTrafficPolicy: Local`: ClusterIP frontends use `local_endpoints`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`: LoadBalancer, externalIP and NodePort frontends use
+    /// `local_endpoints`. A Local frontend with no local endpoint drops new flows when
+    /// `endpoints` is not empty (and refuses them when it is), like kube-proxy.
+    pub external_local: bool,
+    /// `sessionAffinity: ClientIP`: the timeout in seconds (default 10800).
+    pub affinity_timeout_s: Option<u32>,
+    /// `loadBalancerSourceRanges`, sorted, without duplicates; they restrict the
+    /// LoadBalancer frontends only (as in kube-proxy). Empty: any source.
+    pub source_ranges: Vec<Prefix>,
+    /// `healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy: Local`).
+    pub health_check_node_port: Option<u16>,
+}
+
+impl ServicePortState {
+    /// Whether a frontend of this kind uses the node-local table.
+    pub fn frontend_is_local(&self, kind: FrontendKind) -> bool {
+        if kind.is_external() {
+            self.external_local
+        } else {
+            self.internal_local
+        }
+    }
+
+    /// The endpoints new flows to a frontend of this kind may use.
+    pub fn endpoints_for(&self, kind: FrontendKind) -> &[Endpoint] {
+        if self.frontend_is_local(kind) {
+            &self.local_endpoints
+        } else {
+            &self.endpoints
+        }
+    }
+}
+
+/// What the source knows about the node the agent runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// `--node-name` (default: `NODE_NAME`). Endpoints whose `nodeName` equals it are local.
+    /// `None`: every endpoint is local (single-node edge box, file source).
+    pub name: Option<String>,
+    /// `--nodeport-address`: addresses NodePorts listen on besides the Node object's
+    /// `InternalIP` / `ExternalIP` addresses.
+    pub extra_addresses: Vec<IpAddr>,
 }
 
 /// The whole desired state of the node.

@@ -14,20 +14,34 @@
 //! claims), so its cost follows the change, not the size of the state. After adopting,
 //! after a failed write and for ports that failed, nothing is taken as applied.
 //!
-//! Tables are per (service port, address family): a frontend only ever reaches endpoints of
-//! its own family, because the data path cannot translate between IPv4 and IPv6.
+//! Tables are per (service port, address family, scope): a frontend only ever reaches
+//! endpoints of its own family, because the data path cannot translate between IPv4 and
+//! IPv6, and a `Local` frontend (`externalTrafficPolicy` / `internalTrafficPolicy: Local`)
+//! only this node's endpoints. A table exists only while some frontend uses it.
+//!
+//! Endpoints of a port that are in none of its tables (draining ones, and remote ones of a
+//! port whose frontends are all `Local`) keep their BACKENDS slot, so that established
+//! flows keep their pod; a backend is removed once no port lists it any more.
+//!
+//! `loadBalancerSourceRanges` go to SRC_RANGES before a frontend gets
+//! `SVC_F_SOURCE_RANGES`, and are removed only after the frontends stopped using them.
+//! ClientIP affinity entries (AFFINITY, written by the programs) of a port are deleted
+//! after its frontends switched away from a backend (all of them when the port goes or
+//! loses affinity), so that neither a leaving pod nor a later owner of its backend id
+//! inherits them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use lb_common::{
-    is_v4_mapped, Backend, NameMeta, ServiceKey, ServiceValue, VipInfo, BACKEND_F_ACTIVE,
-    MAGLEV_SLOTS, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, SVC_F_CLUSTER_IP,
-    SVC_F_EXTERNAL,
+    is_v4_mapped, AffinityKey, AffinityValue, Backend, NameMeta, ServiceKey, ServiceValue, VipInfo,
+    BACKEND_F_ACTIVE, MAGLEV_SLOTS, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS,
+    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_DROP_IF_EMPTY, SVC_F_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
 };
 
-use crate::maps::{addr_from_map, addr_to_map, MapError};
-use crate::model::{DesiredState, FrontendKind, ServicePortId, ServicePortState};
+use crate::maps::{addr_from_map, addr_to_map, MapError, SrcRange};
+use crate::model::{DesiredState, Endpoint, FrontendKind, ServicePortId, ServicePortState};
 
 /// What the maps hold now (everything the reconciler needs to adopt them).
 #[derive(Clone, Debug, Default)]
@@ -38,6 +52,7 @@ pub struct MapSnapshot {
     pub backends: Vec<(u32, Backend)>,
     pub svc_meta: Vec<(u32, NameMeta)>,
     pub be_meta: Vec<(u32, NameMeta)>,
+    pub src_ranges: Vec<SrcRange>,
 }
 
 /// The map operations the reconciler needs. The aya implementation is
@@ -56,6 +71,14 @@ pub trait MapWriter {
     fn delete_vip(&mut self, addr: &[u8; 16]) -> Result<(), MapError>;
     fn put_svc_meta(&mut self, svc_id: u32, m: &NameMeta) -> Result<(), MapError>;
     fn delete_svc_meta(&mut self, svc_id: u32) -> Result<(), MapError>;
+    fn put_src_range(&mut self, r: &SrcRange) -> Result<(), MapError>;
+    /// Deleting an entry that is not there is not an error.
+    fn delete_src_range(&mut self, r: &SrcRange) -> Result<(), MapError>;
+    /// The AFFINITY entries (an LRU map the programs write: a snapshot, possibly already
+    /// stale when it returns).
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError>;
+    /// Deleting an entry that is not there (evicted meanwhile) is not an error.
+    fn delete_affinity(&mut self, key: &AffinityKey) -> Result<(), MapError>;
 }
 
 /// Capacities the allocators keep to. [`Limits::default`] are the map sizes in lb-common;
@@ -67,6 +90,7 @@ pub struct Limits {
     pub maglev_slots: u32,
     pub frontends: u32,
     pub vips: u32,
+    pub src_ranges: u32,
 }
 
 impl Default for Limits {
@@ -77,6 +101,7 @@ impl Default for Limits {
             maglev_slots: MAGLEV_SLOTS,
             frontends: MAX_FRONTENDS,
             vips: MAX_VIPS,
+            src_ranges: lb_common::MAX_SRC_RANGES,
         }
     }
 }
@@ -94,6 +119,10 @@ pub enum Shortage {
     },
     Frontends,
     Vips,
+    /// SRC_RANGES cannot hold the port's `loadBalancerSourceRanges` as well.
+    SourceRanges {
+        needed: usize,
+    },
     /// Another service port of the desired state has the same (VIP, port, protocol).
     FrontendConflict {
         frontend: String,
@@ -116,6 +145,9 @@ impl fmt::Display for Shortage {
             }
             Shortage::Frontends => write!(f, "SERVICES is full"),
             Shortage::Vips => write!(f, "VIPS is full"),
+            Shortage::SourceRanges { needed } => {
+                write!(f, "SRC_RANGES cannot take {needed} more source ranges")
+            }
             Shortage::FrontendConflict { frontend, other } => {
                 write!(f, "frontend {frontend} is already used by {other}")
             }
@@ -149,7 +181,8 @@ pub enum ReconcileError {
     #[error("{} service port(s) not applied: {}", failures.len(), join(failures))]
     ServicesNotApplied {
         failures: Vec<ServiceFailure>,
-        stats: ApplyStats,
+        /// Boxed: it would make every `Result` of the reconciler large.
+        stats: Box<ApplyStats>,
     },
 }
 
@@ -174,6 +207,10 @@ pub struct ApplyStats {
     pub vips_deleted: usize,
     pub services_added: usize,
     pub services_removed: usize,
+    pub src_ranges_put: usize,
+    pub src_ranges_deleted: usize,
+    /// AFFINITY entries deleted (a backend left a port's tables, or the port went).
+    pub affinity_deleted: usize,
     /// Service ports whose desired state was diffed against the maps (the others were
     /// known to be applied already); not a write.
     pub ports_diffed: usize,
@@ -191,6 +228,9 @@ impl ApplyStats {
             + self.vips_deleted
             + self.services_added
             + self.services_removed
+            + self.src_ranges_put
+            + self.src_ranges_deleted
+            + self.affinity_deleted
     }
 }
 
@@ -199,7 +239,8 @@ impl fmt::Display for ApplyStats {
         write!(
             f,
             "services +{} -{}, frontends put {} deleted {}, tables {} ({} slots, {} ranges freed), \
-             backends put {} deleted {}, vips put {} deleted {}",
+             backends put {} deleted {}, vips put {} deleted {}, source ranges put {} deleted {}, \
+             affinity entries deleted {}",
             self.services_added,
             self.services_removed,
             self.frontends_put,
@@ -210,7 +251,10 @@ impl fmt::Display for ApplyStats {
             self.backends_put,
             self.backends_deleted,
             self.vips_put,
-            self.vips_deleted
+            self.vips_deleted,
+            self.src_ranges_put,
+            self.src_ranges_deleted,
+            self.affinity_deleted
         )
     }
 }
@@ -382,6 +426,40 @@ fn family(addr: &[u8; 16]) -> usize {
     }
 }
 
+/// Table scopes; also the data path's `AffinityKey::scope`.
+const CLUSTER: usize = 0;
+const LOCAL: usize = 1;
+/// Tables per service port: one per (family, scope).
+const NT: usize = 4;
+
+fn tix(fam: usize, scope: usize) -> usize {
+    fam * 2 + scope
+}
+
+fn scope_of(flags: u32) -> usize {
+    if flags & SVC_F_LOCAL != 0 {
+        LOCAL
+    } else {
+        CLUSTER
+    }
+}
+
+/// The table a frontend uses.
+fn fe_table(k: &ServiceKey, flags: u32) -> usize {
+    tix(family(&k.addr), scope_of(flags))
+}
+
+fn be_key(e: &Endpoint) -> BeKey {
+    (addr_to_map(e.addr), e.port.to_be())
+}
+
+/// BE_META name: the pod when known, else the address (an IPv4-mapped one as IPv4).
+fn be_meta(e: &Endpoint) -> String {
+    e.target
+        .clone()
+        .unwrap_or_else(|| addr_from_map(&addr_to_map(e.addr)).to_string())
+}
+
 fn frontend_key(f: &crate::model::Frontend) -> ServiceKey {
     ServiceKey {
         addr: addr_to_map(f.addr),
@@ -413,10 +491,48 @@ struct Table {
 struct SvcState {
     svc_id: u32,
     frontends: BTreeMap<ServiceKey, ServiceValue>,
-    tables: [Option<Table>; 2],
+    /// By [`tix`].
+    tables: [Option<Table>; NT],
     /// Ranges found in the maps besides the tables (a switch interrupted by a crash);
     /// freed at the next rebuild of this service.
     leftover_ranges: Vec<(u32, u32)>,
+    /// Listed endpoints in none of the tables: their backends stay for established flows.
+    /// Not in the maps as such (a backend is a backend): empty after adopting, until the
+    /// first apply, which diffs every port.
+    kept: BTreeSet<BeKey>,
+    /// SRC_RANGES entries under `svc_id`.
+    src_ranges: BTreeSet<SrcRange>,
+}
+
+impl SvcState {
+    fn new(svc_id: u32) -> Self {
+        Self {
+            svc_id,
+            frontends: BTreeMap::new(),
+            tables: Default::default(),
+            leftover_ranges: Vec::new(),
+            kept: BTreeSet::new(),
+            src_ranges: BTreeSet::new(),
+        }
+    }
+
+    fn has_affinity(&self) -> bool {
+        self.frontends
+            .values()
+            .any(|v| v.flags & SVC_F_AFFINITY != 0)
+    }
+
+    /// Backend ids of the tables of each scope: where the programs may have pinned an
+    /// affinity entry.
+    fn ids_by_scope(&self) -> [BTreeSet<u32>; 2] {
+        let mut out: [BTreeSet<u32>; 2] = Default::default();
+        for (ti, t) in self.tables.iter().enumerate() {
+            if let Some(t) = t {
+                out[ti % 2].extend(t.ids.iter().copied());
+            }
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -426,10 +542,95 @@ struct BeState {
 }
 
 /// A service port of the desired state, in map terms.
+#[derive(Default)]
 struct Wanted {
-    frontends: BTreeMap<ServiceKey, u32>,
-    /// Per family with at least one frontend: endpoint → BE_META name.
-    tables: [Option<BTreeMap<BeKey, String>>; 2],
+    /// The SERVICES value without svc_id and table (filled in at the switch).
+    frontends: BTreeMap<ServiceKey, ServiceValue>,
+    /// Per [`tix`] with at least one frontend: endpoint → BE_META name.
+    tables: [Option<BTreeMap<BeKey, String>>; NT],
+    /// Listed endpoints of a family with frontends that are in none of the tables.
+    kept: BTreeMap<BeKey, String>,
+    /// `loadBalancerSourceRanges`, when some frontend uses them.
+    src_ranges: Vec<crate::model::Prefix>,
+}
+
+impl Wanted {
+    fn of(st: &ServicePortState) -> Self {
+        let mut w = Wanted::default();
+        // Endpoints per family: "no local endpoint" drops only while the service has
+        // endpoints elsewhere; with none at all it refuses, as kube-proxy does.
+        let mut cluster_any = [false; 2];
+        for e in &st.endpoints {
+            cluster_any[family(&addr_to_map(e.addr))] = true;
+        }
+        let mut local_any = [false; 2];
+        for e in &st.local_endpoints {
+            local_any[family(&addr_to_map(e.addr))] = true;
+        }
+        for f in &st.frontends {
+            let key = frontend_key(f);
+            let fam = family(&key.addr);
+            let mut flags = match f.kind {
+                FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
+                FrontendKind::LoadBalancer | FrontendKind::ExternalIp => SVC_F_EXTERNAL,
+                FrontendKind::NodePort => SVC_F_EXTERNAL | SVC_F_NODE_PORT,
+            };
+            if st.frontend_is_local(f.kind) {
+                flags |= SVC_F_LOCAL;
+                if !local_any[fam] && cluster_any[fam] {
+                    flags |= SVC_F_DROP_IF_EMPTY;
+                }
+            }
+            if st.affinity_timeout_s.is_some() {
+                flags |= SVC_F_AFFINITY;
+            }
+            if f.kind == FrontendKind::LoadBalancer && !st.source_ranges.is_empty() {
+                flags |= SVC_F_SOURCE_RANGES;
+            }
+            let v = w.frontends.entry(key).or_insert(ServiceValue {
+                affinity_timeout_s: st.affinity_timeout_s.unwrap_or(0),
+                ..Default::default()
+            });
+            v.flags |= flags;
+        }
+        let mut fams = [false; 2];
+        for (k, v) in &w.frontends {
+            w.tables[fe_table(k, v.flags)].get_or_insert_with(BTreeMap::new);
+            fams[family(&k.addr)] = true;
+        }
+        for (eps, scope) in [(&st.endpoints, CLUSTER), (&st.local_endpoints, LOCAL)] {
+            for e in eps {
+                let k = be_key(e);
+                if let Some(t) = &mut w.tables[tix(family(&k.0), scope)] {
+                    t.entry(k).or_insert_with(|| be_meta(e));
+                }
+            }
+        }
+        for e in st
+            .endpoints
+            .iter()
+            .chain(&st.local_endpoints)
+            .chain(&st.draining)
+        {
+            let k = be_key(e);
+            let fam = family(&k.0);
+            let in_table = [CLUSTER, LOCAL].iter().any(|s| {
+                w.tables[tix(fam, *s)]
+                    .as_ref()
+                    .is_some_and(|t| t.contains_key(&k))
+            });
+            if fams[fam] && !in_table {
+                w.kept.entry(k).or_insert_with(|| be_meta(e));
+            }
+        }
+        if w.frontends
+            .values()
+            .any(|v| v.flags & SVC_F_SOURCE_RANGES != 0)
+        {
+            w.src_ranges = st.source_ranges.clone();
+        }
+        w
+    }
 }
 
 /// Keeps the maps equal to the desired state. See the module documentation.
@@ -542,6 +743,12 @@ impl<W: MapWriter> Reconciler<W> {
         for (k, v) in &snap.services {
             by_id.entry(v.svc_id).or_default().insert(*k, *v);
         }
+        // Ranges of an id nobody names are an orphan's: removed by the next apply.
+        let mut ranges: BTreeMap<u32, BTreeSet<SrcRange>> = BTreeMap::new();
+        for r in &snap.src_ranges {
+            by_id.entry(r.svc_id).or_default();
+            ranges.entry(r.svc_id).or_default().insert(*r);
+        }
 
         self.services.clear();
         self.ranges = RangeAlloc::new(limits.maglev_slots);
@@ -552,12 +759,11 @@ impl<W: MapWriter> Reconciler<W> {
                 // removed by the next apply, as no desired service has this name.
                 _ => format!("<orphan svc_id {svc_id}>"),
             };
-            let mut tables: [Option<Table>; 2] = [None, None];
+            let mut tables: [Option<Table>; NT] = Default::default();
             let mut leftover = Vec::new();
             for (k, v) in &frontends {
-                let fam = family(&k.addr);
                 let range = (v.maglev_offset, v.maglev_size);
-                match &mut tables[fam] {
+                match &mut tables[fe_table(k, v.flags)] {
                     Some(t) if (t.offset, t.size) == range || (t.size == 0 && range.1 == 0) => {}
                     Some(t) => {
                         t.dirty = true;
@@ -582,7 +788,8 @@ impl<W: MapWriter> Reconciler<W> {
                     keep_leftover.push((off, size));
                 }
             }
-            for (fam, t) in tables.iter_mut().enumerate() {
+            for (ti, t) in tables.iter_mut().enumerate() {
+                let fam = ti / 2;
                 let Some(t) = t else { continue };
                 if t.size == 0 {
                     continue;
@@ -611,10 +818,11 @@ impl<W: MapWriter> Reconciler<W> {
             self.services.insert(
                 name,
                 SvcState {
-                    svc_id,
                     frontends,
                     tables,
                     leftover_ranges: keep_leftover,
+                    src_ranges: ranges.remove(&svc_id).unwrap_or_default(),
+                    ..SvcState::new(svc_id)
                 },
             );
         }
@@ -681,7 +889,7 @@ impl<W: MapWriter> Reconciler<W> {
                 }
             }
         }
-        let r = self.apply_inner(&sub, &keep);
+        let r = self.apply_inner(&sub, &keep, applied.is_none());
         let failed: BTreeSet<&str> = match &r {
             Ok(_) => BTreeSet::new(),
             Err(ReconcileError::ServicesNotApplied { failures, .. }) => {
@@ -715,6 +923,7 @@ impl<W: MapWriter> Reconciler<W> {
         &mut self,
         sub: &BTreeMap<&ServicePortId, &ServicePortState>,
         keep: &BTreeSet<String>,
+        full: bool,
     ) -> Result<ApplyStats, ReconcileError> {
         let mut stats = ApplyStats {
             ports_diffed: sub.len(),
@@ -725,41 +934,25 @@ impl<W: MapWriter> Reconciler<W> {
         // Desired state in map terms; a frontend claimed twice stays with the first.
         let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
         let mut claimed: BTreeMap<ServiceKey, String> = BTreeMap::new();
+        // Backends each port wants kept for established flows, also if the port fails: a
+        // refused port keeps its old state, whose flows may use them.
+        let mut desired_kept: BTreeMap<String, Vec<BeKey>> = BTreeMap::new();
         'svc: for (id, st) in sub {
             let name = id.to_string();
-            let mut w = Wanted {
-                frontends: BTreeMap::new(),
-                tables: [None, None],
-            };
-            for f in &st.frontends {
-                let key = frontend_key(f);
-                if let Some(other) = claimed.get(&key) {
+            let w = Wanted::of(st);
+            desired_kept.insert(name.clone(), w.kept.keys().copied().collect());
+            for key in w.frontends.keys() {
+                if let Some(other) = claimed.get(key) {
                     if *other != name {
                         failures.push(ServiceFailure {
                             service: name,
                             shortage: Shortage::FrontendConflict {
-                                frontend: crate::maps::fmt_key(&key),
+                                frontend: crate::maps::fmt_key(key),
                                 other: other.clone(),
                             },
                         });
                         continue 'svc;
                     }
-                }
-                let flags = match f.kind {
-                    FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
-                    FrontendKind::LoadBalancer | FrontendKind::ExternalIp => SVC_F_EXTERNAL,
-                };
-                *w.frontends.entry(key).or_insert(0) |= flags;
-                w.tables[family(&key.addr)].get_or_insert_with(BTreeMap::new);
-            }
-            for e in &st.endpoints {
-                let addr = addr_to_map(e.addr);
-                if let Some(t) = &mut w.tables[family(&addr)] {
-                    let meta = e
-                        .target
-                        .clone()
-                        .unwrap_or_else(|| addr_from_map(&addr).to_string());
-                    t.entry((addr, e.port.to_be())).or_insert(meta);
                 }
             }
             for k in w.frontends.keys() {
@@ -768,9 +961,10 @@ impl<W: MapWriter> Reconciler<W> {
             wanted.insert(name, w);
         }
 
-        // Capacity of SERVICES and VIPS at the peak (before removals).
+        // Capacity of SERVICES, VIPS and SRC_RANGES at the peak (before removals).
         let mut n_frontends: usize = self.services.values().map(|s| s.frontends.len()).sum();
         let mut n_vips = self.vips.len();
+        let mut n_ranges: usize = self.services.values().map(|s| s.src_ranges.len()).sum();
         let current_keys: BTreeSet<ServiceKey> = self
             .services
             .values()
@@ -780,20 +974,42 @@ impl<W: MapWriter> Reconciler<W> {
         let names: Vec<String> = wanted.keys().cloned().collect();
         for name in &names {
             let w = &wanted[name];
-            let add: Vec<&ServiceKey> = w
+            let add: Vec<(&ServiceKey, &ServiceValue)> = w
                 .frontends
-                .keys()
-                .filter(|k| !current_keys.contains(k))
+                .iter()
+                .filter(|(k, _)| !current_keys.contains(k))
                 .collect();
+            // NodePorts are on host addresses, which are not VIPs (see `is_vip`).
             let vips: BTreeSet<[u8; 16]> = add
                 .iter()
-                .map(|k| k.addr)
+                .filter(|(_, v)| is_vip(v.flags))
+                .map(|(k, _)| k.addr)
                 .filter(|a| !self.vips.contains_key(a) && !new_vips.contains(a))
                 .collect();
+            // Compared without the svc_id, which a new port does not have yet.
+            let have: BTreeSet<SrcRange> = self
+                .services
+                .get(name)
+                .map(|s| {
+                    s.src_ranges
+                        .iter()
+                        .map(|r| SrcRange { svc_id: 0, ..*r })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let new_ranges = w
+                .src_ranges
+                .iter()
+                .map(|p| SrcRange::new(0, p))
+                .collect::<BTreeSet<_>>()
+                .difference(&have)
+                .count();
             let shortage = if n_frontends + add.len() > self.limits.frontends as usize {
                 Some(Shortage::Frontends)
             } else if n_vips + vips.len() > self.limits.vips as usize {
                 Some(Shortage::Vips)
+            } else if n_ranges + new_ranges > self.limits.src_ranges as usize {
+                Some(Shortage::SourceRanges { needed: new_ranges })
             } else {
                 None
             };
@@ -807,15 +1023,16 @@ impl<W: MapWriter> Reconciler<W> {
             }
             n_frontends += add.len();
             n_vips += vips.len();
+            n_ranges += new_ranges;
             new_vips.extend(vips);
         }
 
-        // 1. Backends: new ones, and changed names of existing ones.
+        // 1. Backends: new ones (in tables or kept for flows), and changed names.
         let mut meta_done: BTreeSet<BeKey> = BTreeSet::new();
         for name in &names {
             let Some(w) = wanted.get(name) else { continue };
             let mut need: BTreeMap<BeKey, String> = BTreeMap::new();
-            for t in w.tables.iter().flatten() {
+            for t in w.tables.iter().flatten().chain([&w.kept]) {
                 for (k, m) in t {
                     need.entry(*k).or_insert_with(|| m.clone());
                 }
@@ -878,8 +1095,8 @@ impl<W: MapWriter> Reconciler<W> {
             }
         }
 
-        // 2. Tables: a new range for every changed (service port, family).
-        let mut new_tables: BTreeMap<String, [Option<Table>; 2]> = BTreeMap::new();
+        // 2. Tables: a new range for every changed (service port, family, scope).
+        let mut new_tables: BTreeMap<String, [Option<Table>; NT]> = BTreeMap::new();
         let mut new_svc_ids: BTreeMap<String, u32> = BTreeMap::new();
         for name in &names {
             let Some(w) = wanted.get(name) else { continue };
@@ -895,20 +1112,19 @@ impl<W: MapWriter> Reconciler<W> {
                 };
                 new_svc_ids.insert(name.clone(), id);
             }
-            let mut out: [Option<Table>; 2] = [None, None];
+            let mut out: [Option<Table>; NT] = Default::default();
             let mut failed = None;
-            for fam in [V4, V6] {
-                let Some(want) = &w.tables[fam] else { continue };
+            for (ti, want) in w.tables.iter().enumerate() {
+                let Some(want) = want else { continue };
                 let members: BTreeSet<BeKey> = want.keys().copied().collect();
-                let cur_size = cur.and_then(|s| s.tables[fam].as_ref()).map(|t| t.size);
+                let cur_t = cur.and_then(|s| s.tables[ti].as_ref());
                 let size = if members.is_empty() {
                     0
                 } else {
-                    stable_maglev_size(members.len(), cur_size)
+                    stable_maglev_size(members.len(), cur_t.map(|t| t.size))
                 };
-                let unchanged = cur
-                    .and_then(|s| s.tables[fam].as_ref())
-                    .is_some_and(|t| !t.dirty && t.size == size && t.members == members);
+                let unchanged =
+                    cur_t.is_some_and(|t| !t.dirty && t.size == size && t.members == members);
                 if unchanged {
                     continue;
                 }
@@ -954,7 +1170,7 @@ impl<W: MapWriter> Reconciler<W> {
                     stats.tables_written += 1;
                     stats.slots_written += slots.len();
                 }
-                out[fam] = Some(Table {
+                out[ti] = Some(Table {
                     offset,
                     size,
                     ids,
@@ -982,51 +1198,69 @@ impl<W: MapWriter> Reconciler<W> {
             new_tables.insert(name.clone(), out);
         }
 
-        // Final frontends: wanted ones, plus the current ones of services that failed.
-        let mut final_fe: BTreeMap<ServiceKey, String> = BTreeMap::new();
+        // Final frontends: wanted ones, plus the current ones of services that failed;
+        // whether each counts in VIPS.
+        let mut final_fe: BTreeMap<ServiceKey, (String, bool)> = BTreeMap::new();
         for (name, w) in &wanted {
-            for k in w.frontends.keys() {
-                final_fe.insert(*k, name.clone());
+            for (k, v) in &w.frontends {
+                final_fe.insert(*k, (name.clone(), is_vip(v.flags)));
             }
         }
         for f in &failures {
             if let Some(s) = self.services.get(&f.service) {
-                for k in s.frontends.keys() {
-                    final_fe.entry(*k).or_insert_with(|| f.service.clone());
+                for (k, v) in &s.frontends {
+                    final_fe
+                        .entry(*k)
+                        .or_insert_with(|| (f.service.clone(), is_vip(v.flags)));
                 }
             }
         }
         let mut final_vips: BTreeMap<[u8; 16], u32> = BTreeMap::new();
-        for k in final_fe.keys() {
-            *final_vips.entry(k.addr).or_insert(0) += 1;
+        for (k, (_, vip)) in &final_fe {
+            if *vip {
+                *final_vips.entry(k.addr).or_insert(0) += 1;
+            }
         }
         // Unchanged ports keep their frontends; none is claimed by a diffed port (`apply`
         // pulled such holders into the diff), so they are counted without a copy.
         for name in keep {
             if let Some(s) = self.services.get(name) {
-                for k in s.frontends.keys() {
-                    if !final_fe.contains_key(k) {
+                for (k, v) in &s.frontends {
+                    if is_vip(v.flags) && !final_fe.contains_key(k) {
                         *final_vips.entry(k.addr).or_insert(0) += 1;
                     }
                 }
             }
         }
 
-        // 3. Names, VIPs, then frontends.
+        // 3. Names, source ranges, VIPs, then frontends.
         for (name, id) in &new_svc_ids {
             if wanted.contains_key(name) {
                 self.writer.put_svc_meta(*id, &NameMeta::new(name))?;
                 stats.services_added += 1;
-                self.services.insert(
-                    name.clone(),
-                    SvcState {
-                        svc_id: *id,
-                        frontends: BTreeMap::new(),
-                        tables: [None, None],
-                        leftover_ranges: Vec::new(),
-                    },
-                );
+                self.services.insert(name.clone(), SvcState::new(*id));
             }
+        }
+        // New prefixes before any frontend is flagged to check them; prefixes no longer
+        // wanted go only after the frontends switched (step 4).
+        let mut ranges_wanted: BTreeMap<&str, BTreeSet<SrcRange>> = BTreeMap::new();
+        for (name, w) in &wanted {
+            let Some(s) = self.services.get_mut(name) else {
+                continue;
+            };
+            let want: BTreeSet<SrcRange> = w
+                .src_ranges
+                .iter()
+                .map(|p| SrcRange::new(s.svc_id, p))
+                .collect();
+            for r in &want {
+                if !s.src_ranges.contains(r) {
+                    self.writer.put_src_range(r)?;
+                    s.src_ranges.insert(*r);
+                    stats.src_ranges_put += 1;
+                }
+            }
+            ranges_wanted.insert(name.as_str(), want);
         }
         for (addr, n) in &final_vips {
             if self.vips.get(addr) != Some(n) {
@@ -1048,30 +1282,41 @@ impl<W: MapWriter> Reconciler<W> {
             .flat_map(|(n, s)| s.frontends.keys().map(move |k| (*k, n.clone())))
             .collect();
         let mut old_ranges: Vec<(u32, u32)> = Vec::new();
+        // Service ports whose AFFINITY entries must be checked after the switch; ports
+        // without affinity have none (the programs write entries only for affinity
+        // frontends, and losing affinity purges them).
+        let mut purge: BTreeSet<u32> = BTreeSet::new();
+        let had_affinity: BTreeSet<u32> = self
+            .services
+            .values()
+            .filter(|s| s.has_affinity())
+            .map(|s| s.svc_id)
+            .collect();
+        // A backend may have lost its last reference: scan for unreferenced ones.
+        let mut may_orphan = keep.is_empty() || !failures.is_empty();
         for (name, w) in &wanted {
-            let tables = new_tables.remove(name).unwrap_or([None, None]);
+            let tables = new_tables.remove(name).unwrap_or_default();
             let Some(s) = self.services.get(name) else {
                 continue;
             };
             let svc_id = s.svc_id;
+            let old_ids = s.ids_by_scope();
             // The tables this service uses from now on.
-            let mut now: [Option<Table>; 2] = [None, None];
-            for fam in [V4, V6] {
-                now[fam] = match (&tables[fam], w.tables[fam].is_some()) {
+            let now: [Option<Table>; NT] =
+                std::array::from_fn(|ti| match (&tables[ti], w.tables[ti].is_some()) {
                     (Some(t), _) => Some(t.clone()),
-                    (None, true) => s.tables[fam].clone(),
+                    (None, true) => s.tables[ti].clone(),
                     (None, false) => None,
-                };
-            }
-            for (k, flags) in &w.frontends {
-                let Some(t) = &now[family(&k.addr)] else {
+                });
+            for (k, want) in &w.frontends {
+                let Some(t) = &now[fe_table(k, want.flags)] else {
                     continue;
                 };
                 let v = ServiceValue {
                     svc_id,
                     maglev_offset: t.offset,
                     maglev_size: t.size,
-                    flags: *flags,
+                    ..*want
                 };
                 let current = owner
                     .get(k)
@@ -1097,27 +1342,44 @@ impl<W: MapWriter> Reconciler<W> {
             let Some(s) = self.services.get_mut(name) else {
                 continue;
             };
-            for fam in [V4, V6] {
-                let replaced = match (&s.tables[fam], &now[fam]) {
-                    (Some(old), Some(new)) => old.offset != new.offset || old.size != new.size,
-                    (Some(_), None) => true,
-                    _ => false,
-                };
-                if replaced {
-                    if let Some(old) = &s.tables[fam] {
-                        if old.size > 0 {
-                            old_ranges.push((old.offset, old.size));
-                        }
-                    }
+            for (old, new) in s.tables.iter().zip(&now) {
+                let Some(old) = old else { continue };
+                let replaced = new
+                    .as_ref()
+                    .is_none_or(|n| old.offset != n.offset || old.size != n.size);
+                if replaced && old.size > 0 {
+                    old_ranges.push((old.offset, old.size));
                 }
             }
             // Leftover ranges belong to a dirty table, which was rebuilt above, and every
             // frontend that named them now names the new one (or is deleted below).
             old_ranges.append(&mut s.leftover_ranges);
             s.tables = now;
+            let kept: BTreeSet<BeKey> = w.kept.keys().copied().collect();
+            if !s.kept.is_subset(&kept) {
+                may_orphan = true;
+            }
+            s.kept = kept;
+            if had_affinity.contains(&svc_id) {
+                let new_ids = s.ids_by_scope();
+                let left = (0..2).any(|sc| !old_ids[sc].is_subset(&new_ids[sc]));
+                if left || !s.has_affinity() {
+                    purge.insert(svc_id);
+                }
+            }
         }
 
-        // 4. Removals: frontends, names, ranges, backends, VIPs.
+        for f in &failures {
+            if let (Some(s), Some(k)) = (
+                self.services.get_mut(&f.service),
+                desired_kept.get(&f.service),
+            ) {
+                s.kept.extend(k.iter().copied());
+            }
+        }
+
+        // 4. Removals: frontends, source ranges, names, affinity entries, ranges,
+        // backends, VIPs.
         let gone: Vec<ServiceKey> = self
             .services
             .iter()
@@ -1134,6 +1396,17 @@ impl<W: MapWriter> Reconciler<W> {
                 }
             }
         }
+        for (name, want) in &ranges_wanted {
+            let Some(s) = self.services.get_mut(*name) else {
+                continue;
+            };
+            let old: Vec<SrcRange> = s.src_ranges.difference(want).copied().collect();
+            for r in old {
+                self.writer.delete_src_range(&r)?;
+                s.src_ranges.remove(&r);
+                stats.src_ranges_deleted += 1;
+            }
+        }
         let failed_names: BTreeSet<&str> = failures.iter().map(|f| f.service.as_str()).collect();
         let removed: Vec<String> = self
             .services
@@ -1144,34 +1417,54 @@ impl<W: MapWriter> Reconciler<W> {
             .cloned()
             .collect();
         for name in removed {
+            let Some(s) = self.services.get_mut(&name) else {
+                continue;
+            };
+            // Its frontends were deleted above. Ranges go before the name, so an entry
+            // of SRC_RANGES always belongs to a named service port (adopt relies on it).
+            let ranges: Vec<SrcRange> = s.src_ranges.iter().copied().collect();
+            for r in ranges {
+                self.writer.delete_src_range(&r)?;
+                s.src_ranges.remove(&r);
+                stats.src_ranges_deleted += 1;
+            }
+            let svc_id = s.svc_id;
+            self.writer.delete_svc_meta(svc_id)?;
+            stats.services_removed += 1;
             let Some(s) = self.services.remove(&name) else {
                 continue;
             };
-            self.writer.delete_svc_meta(s.svc_id)?;
-            stats.services_removed += 1;
-            self.svc_ids.release(s.svc_id);
+            if had_affinity.contains(&svc_id) {
+                purge.insert(svc_id);
+            }
+            may_orphan = true;
             for t in s.tables.iter().flatten() {
                 if t.size > 0 {
                     old_ranges.push((t.offset, t.size));
                 }
             }
             old_ranges.extend(s.leftover_ranges);
+            // Its id is reused only by a later apply, after the entries below are gone.
+            self.svc_ids.release(svc_id);
         }
-        // A backend loses its last reference only with a dropped table (replaced or
-        // removed), a port refused after its backends were written, or an adopted slot:
-        // otherwise the scan of every table is skipped.
-        let may_orphan = keep.is_empty() || !old_ranges.is_empty() || !failures.is_empty();
+        self.purge_affinity(&purge, full, &mut stats)?;
+        may_orphan |= !old_ranges.is_empty();
         for (off, size) in old_ranges {
             self.ranges.release(off, size);
             stats.ranges_freed += 1;
         }
+        // Otherwise the scan of every table is skipped: an unchanged port's backends are
+        // still referenced.
         let unused: Vec<u32> = if may_orphan {
-            let live: BTreeSet<u32> = self
+            let mut live: BTreeSet<u32> = self
                 .services
                 .values()
                 .flat_map(|s| s.tables.iter().flatten())
                 .flat_map(|t| t.ids.iter().copied())
                 .collect();
+            for s in self.services.values() {
+                live.extend(s.kept.iter().filter_map(|k| self.be_by_key.get(k)));
+            }
             self.backends
                 .keys()
                 .filter(|id| !live.contains(id))
@@ -1208,9 +1501,54 @@ impl<W: MapWriter> Reconciler<W> {
         if failures.is_empty() {
             Ok(stats)
         } else {
-            Err(ReconcileError::ServicesNotApplied { failures, stats })
+            Err(ReconcileError::ServicesNotApplied {
+                failures,
+                stats: Box::new(stats),
+            })
         }
     }
+
+    /// Deletes the AFFINITY entries of the service ports `svc_ids` (every port when `all`)
+    /// that no longer lead where new flows of the port may go: the port is gone or has no
+    /// affinity, or the backend is not in a table of the entry's scope. Runs after the
+    /// frontends switched, so the programs no longer pick such a backend themselves, and
+    /// before unreferenced backends are deleted, so no entry outlives its backend id.
+    fn purge_affinity(
+        &mut self,
+        svc_ids: &BTreeSet<u32>,
+        all: bool,
+        stats: &mut ApplyStats,
+    ) -> Result<(), MapError> {
+        if svc_ids.is_empty() && !all {
+            return Ok(());
+        }
+        let valid: BTreeMap<u32, [BTreeSet<u32>; 2]> = self
+            .services
+            .values()
+            .filter(|s| (all || svc_ids.contains(&s.svc_id)) && s.has_affinity())
+            .map(|s| (s.svc_id, s.ids_by_scope()))
+            .collect();
+        for (k, v) in self.writer.affinity_entries()? {
+            if !all && !svc_ids.contains(&k.svc_id) {
+                continue;
+            }
+            let ok = valid
+                .get(&k.svc_id)
+                .and_then(|ids| ids.get(k.scope as usize))
+                .is_some_and(|ids| ids.contains(&v.backend_id));
+            if !ok {
+                self.writer.delete_affinity(&k)?;
+                stats.affinity_deleted += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a frontend's address is entered in VIPS. NodePorts are not: their address is
+/// the node's own, and fragments or other protocols to it are the host's traffic.
+fn is_vip(flags: u32) -> bool {
+    flags & SVC_F_NODE_PORT == 0
 }
 
 #[cfg(test)]
@@ -1218,6 +1556,9 @@ mod tests {
     use super::*;
     use crate::model::{Endpoint, Frontend, Protocol, ServicePortId, ServicePortState};
     use std::net::{IpAddr, SocketAddr};
+
+    /// AFFINITY key in a sortable form: (client, svc_id, scope).
+    type AffKey = ([u8; 16], u32, u32);
 
     /// In-memory maps that check the data path's invariants after every single write.
     #[derive(Clone, Default)]
@@ -1228,6 +1569,14 @@ mod tests {
         be_meta: BTreeMap<u32, NameMeta>,
         svc_meta: BTreeMap<u32, NameMeta>,
         maglev: BTreeMap<u32, u32>,
+        /// The LPM trie's entries, exactly as inserted (a trie keeps one entry per
+        /// (prefix length, masked data); the reconciler always masks).
+        src_ranges: BTreeSet<SrcRange>,
+        /// The LRU map the programs write: entry → value and the identity (address, port)
+        /// its backend id had when the "program" wrote it.
+        affinity: BTreeMap<AffKey, (AffinityValue, BeKey)>,
+        /// How often AFFINITY was walked.
+        affinity_walks: std::cell::Cell<usize>,
         writes: Vec<String>,
         /// Fail the write with this index (0-based count of all writes).
         fail_at: Option<usize>,
@@ -1255,15 +1604,67 @@ mod tests {
             v.maglev_offset..v.maglev_offset + v.maglev_size
         }
 
+        /// What the programs do on a new flow of an affinity frontend: remember the
+        /// client's backend.
+        fn remember(&mut self, client: &str, svc_id: u32, scope: u32, backend_id: u32) {
+            let b = self.backends[&backend_id];
+            self.affinity.insert(
+                (addr_to_map(ip(client)), svc_id, scope),
+                (
+                    AffinityValue {
+                        backend_id,
+                        _pad: 0,
+                        last_ns: 1,
+                    },
+                    (b.addr, b.port_be),
+                ),
+            );
+        }
+
         fn check(&self) {
             if self.unchecked {
                 return;
             }
             let last = self.writes.last().cloned().unwrap_or_default();
+            for r in &self.src_ranges {
+                assert!(
+                    self.svc_meta.contains_key(&r.svc_id),
+                    "after {last}: source range {} of unnamed svc_id",
+                    crate::maps::fmt_src_range(r)
+                );
+            }
+            for ((client, svc, _), (v, identity)) in &self.affinity {
+                if let Some(b) = self.backends.get(&v.backend_id) {
+                    assert_eq!(
+                        (b.addr, b.port_be),
+                        *identity,
+                        "after {last}: affinity entry of {} (svc {svc}) names backend id {}, \
+                         now another backend",
+                        addr_from_map(client),
+                        v.backend_id
+                    );
+                }
+            }
             for (k, v) in &self.services {
                 let ctx = format!("after {last}: frontend {}", crate::maps::fmt_key(k));
                 assert!(self.svc_meta.contains_key(&v.svc_id), "{ctx}: no SVC_META");
-                assert!(self.vips.contains_key(&k.addr), "{ctx}: no VIPS entry");
+                if v.flags & SVC_F_NODE_PORT == 0 {
+                    assert!(self.vips.contains_key(&k.addr), "{ctx}: no VIPS entry");
+                }
+                if v.flags & SVC_F_SOURCE_RANGES != 0 {
+                    assert!(
+                        self.src_ranges.iter().any(|r| r.svc_id == v.svc_id),
+                        "{ctx}: checks source ranges, none in SRC_RANGES (drops everyone)"
+                    );
+                }
+                if v.flags & SVC_F_DROP_IF_EMPTY != 0 {
+                    assert!(
+                        v.flags & SVC_F_LOCAL != 0 && v.maglev_size == 0,
+                        "{ctx}: drop-if-empty on {:#x} size {}",
+                        v.flags,
+                        v.maglev_size
+                    );
+                }
                 assert!(v.maglev_offset + v.maglev_size <= MAGLEV_SLOTS, "{ctx}");
                 for slot in Self::range(v) {
                     let id = self.maglev.get(&slot);
@@ -1299,7 +1700,52 @@ mod tests {
                 backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
                 svc_meta: self.svc_meta.iter().map(|(k, v)| (*k, *v)).collect(),
                 be_meta: self.be_meta.iter().map(|(k, v)| (*k, *v)).collect(),
+                src_ranges: self.src_ranges.iter().copied().collect(),
             })
+        }
+        fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError> {
+            self.affinity_walks.set(self.affinity_walks.get() + 1);
+            Ok(self
+                .affinity
+                .iter()
+                .map(|((client, svc_id, scope), (v, _))| {
+                    (
+                        AffinityKey {
+                            client: *client,
+                            svc_id: *svc_id,
+                            scope: *scope,
+                        },
+                        *v,
+                    )
+                })
+                .collect())
+        }
+        fn delete_affinity(&mut self, k: &AffinityKey) -> Result<(), MapError> {
+            self.write(format!(
+                "delete_affinity {}/{}/{}",
+                addr_from_map(&k.client),
+                k.svc_id,
+                k.scope
+            ))?;
+            self.affinity.remove(&(k.client, k.svc_id, k.scope));
+            self.check();
+            Ok(())
+        }
+        fn put_src_range(&mut self, r: &SrcRange) -> Result<(), MapError> {
+            self.write(format!("put_src_range {}", crate::maps::fmt_src_range(r)))?;
+            assert!(self.src_ranges.len() < lb_common::MAX_SRC_RANGES as usize);
+            self.src_ranges.insert(*r);
+            self.check();
+            Ok(())
+        }
+        fn delete_src_range(&mut self, r: &SrcRange) -> Result<(), MapError> {
+            self.write(format!(
+                "delete_src_range {}",
+                crate::maps::fmt_src_range(r)
+            ))?;
+            self.src_ranges.remove(r);
+            self.check();
+            Ok(())
         }
         fn read_maglev(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapError> {
             Ok((offset..offset + len)
@@ -1417,7 +1863,9 @@ mod tests {
                 id,
                 ServicePortState {
                     frontends,
+                    local_endpoints: endpoints.clone(),
                     endpoints,
+                    ..Default::default()
                 },
             );
         }
@@ -1457,47 +1905,84 @@ mod tests {
         )
     }
 
-    /// The maps hold exactly `d`: every frontend, its table with the endpoints of its
-    /// family, names, VIPs, and no other frontend, backend or name.
+    /// The maps hold exactly `d`: every frontend with the flags the semantics ask for and
+    /// its table (the endpoints of its family and scope), names, VIPs (not NodePorts),
+    /// source ranges, backends kept for established flows, and nothing else; every
+    /// AFFINITY entry leads to a backend of its port's tables of its scope.
     fn assert_maps_hold(m: &Mem, d: &DesiredState) {
         let mut want_keys = BTreeSet::new();
         let mut want_be: BTreeMap<BeKey, String> = BTreeMap::new();
         let mut want_vips: BTreeMap<[u8; 16], u32> = BTreeMap::new();
+        let mut want_ranges: BTreeSet<SrcRange> = BTreeSet::new();
+        // svc_id → scope → backend ids new flows may reach, for affinity ports.
+        let mut affinity_ok: BTreeMap<u32, [BTreeSet<u32>; 2]> = BTreeMap::new();
         let mut svc_ids = BTreeSet::new();
         for (sid, st) in &d.services {
             let mut ids = BTreeSet::new();
+            let fam_of = |e: &Endpoint| family(&addr_to_map(e.addr));
             for f in &st.frontends {
-                let k = ServiceKey {
-                    addr: addr_to_map(f.addr),
-                    port_be: f.port.to_be(),
-                    proto: f.protocol.number(),
-                    _pad: 0,
-                };
+                let k = frontend_key(f);
+                let fam = family(&k.addr);
                 want_keys.insert(k);
-                *want_vips.entry(k.addr).or_default() += 1;
+                if f.kind != FrontendKind::NodePort {
+                    *want_vips.entry(k.addr).or_default() += 1;
+                }
                 let v = m
                     .services
                     .get(&k)
                     .unwrap_or_else(|| panic!("{sid}: {f:?} missing"));
                 ids.insert(v.svc_id);
                 assert_eq!(m.svc_meta[&v.svc_id].as_str(), sid.to_string());
-                let expected = if f.kind == FrontendKind::ClusterIp {
-                    SVC_F_CLUSTER_IP
-                } else {
-                    SVC_F_EXTERNAL
+                let local = match f.kind {
+                    FrontendKind::ClusterIp => st.internal_local,
+                    _ => st.external_local,
                 };
-                assert_eq!(v.flags, expected);
-                let fam_eps: BTreeSet<SocketAddr> = st
-                    .endpoints
+                let mut expected = match f.kind {
+                    FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
+                    FrontendKind::NodePort => SVC_F_EXTERNAL | SVC_F_NODE_PORT,
+                    _ => SVC_F_EXTERNAL,
+                };
+                if local {
+                    expected |= SVC_F_LOCAL;
+                    if !st.local_endpoints.iter().any(|e| fam_of(e) == fam)
+                        && st.endpoints.iter().any(|e| fam_of(e) == fam)
+                    {
+                        expected |= SVC_F_DROP_IF_EMPTY;
+                    }
+                }
+                if st.affinity_timeout_s.is_some() {
+                    expected |= SVC_F_AFFINITY;
+                }
+                if f.kind == FrontendKind::LoadBalancer && !st.source_ranges.is_empty() {
+                    expected |= SVC_F_SOURCE_RANGES;
+                    for p in &st.source_ranges {
+                        want_ranges.insert(SrcRange::new(v.svc_id, p));
+                    }
+                }
+                assert_eq!(v.flags, expected, "{sid}: {f:?} flags");
+                assert_eq!(
+                    v.affinity_timeout_s,
+                    st.affinity_timeout_s.unwrap_or(0),
+                    "{sid}: affinity timeout"
+                );
+                let eps = if local {
+                    &st.local_endpoints
+                } else {
+                    &st.endpoints
+                };
+                let fam_eps: BTreeSet<SocketAddr> = eps
                     .iter()
-                    .filter(|e| family(&addr_to_map(e.addr)) == family(&k.addr))
+                    .filter(|e| fam_of(e) == fam)
                     .map(|e| SocketAddr::new(e.addr, e.port))
                     .collect();
-                for e in &st.endpoints {
-                    let a = addr_to_map(e.addr);
-                    if family(&a) == family(&k.addr) {
-                        let meta = e.target.clone().unwrap_or_else(|| e.addr.to_string());
-                        want_be.insert((a, e.port.to_be()), meta);
+                for e in st
+                    .endpoints
+                    .iter()
+                    .chain(&st.local_endpoints)
+                    .chain(&st.draining)
+                {
+                    if fam_of(e) == fam {
+                        want_be.insert(be_key(e), be_meta(e));
                     }
                 }
                 let needed = crate::maglev::table_size(fam_eps.len());
@@ -1517,6 +2002,10 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(in_table, fam_eps, "{sid}: {f:?} table");
+                if st.affinity_timeout_s.is_some() {
+                    affinity_ok.entry(v.svc_id).or_default()[usize::from(local)]
+                        .extend(Mem::range(v).map(|s| m.maglev[&s]));
+                }
             }
             assert!(
                 ids.len() <= 1,
@@ -1541,6 +2030,18 @@ mod tests {
         );
         let vips: BTreeMap<[u8; 16], u32> = m.vips.iter().map(|(a, v)| (*a, v.frontends)).collect();
         assert_eq!(vips, want_vips, "VIPS");
+        assert_eq!(m.src_ranges, want_ranges, "SRC_RANGES");
+        for ((client, svc, scope), (v, _)) in &m.affinity {
+            let ok = affinity_ok
+                .get(svc)
+                .is_some_and(|s| s[*scope as usize].contains(&v.backend_id));
+            assert!(
+                ok,
+                "affinity entry {}/{svc}/{scope} -> backend {} leads nowhere new flows go",
+                addr_from_map(client),
+                v.backend_id
+            );
+        }
     }
 
     fn apply_ok(r: &mut Reconciler<Mem>, d: &DesiredState) -> ApplyStats {
@@ -2122,7 +2623,9 @@ mod tests {
             cid,
             ServicePortState {
                 frontends: cf,
+                local_endpoints: ce.clone(),
                 endpoints: ce,
+                ..Default::default()
             },
         );
         for _ in 0..2 {
@@ -2211,6 +2714,708 @@ mod tests {
         assert!(matches!(adopted.apply(&d2), Err(ReconcileError::Map(_))));
         let s = apply_ok(&mut adopted, &d2);
         assert_eq!(s.ports_diffed, 2, "{s}");
+    }
+
+    // -----------------------------------------------------------------------------------
+    // kube-proxy semantics: scopes, NodePorts, draining, affinity, source ranges.
+    // -----------------------------------------------------------------------------------
+
+    /// Endpoints on port 8080, in the model's order.
+    fn eps(addrs: &[&str]) -> Vec<Endpoint> {
+        let mut v: Vec<Endpoint> = addrs.iter().map(|a| ep(a, 8080, None)).collect();
+        v.sort();
+        v
+    }
+
+    fn shop_id() -> ServicePortId {
+        id("shop", "http", Protocol::Tcp)
+    }
+
+    const SHOP_CIP: &str = "198.18.100.1";
+    const SHOP_LB: &str = "198.18.200.1";
+    const NODE: &str = "198.18.0.1";
+
+    /// shop: a ClusterIP, a LoadBalancer IP and a NodePort on the node address.
+    fn shop(
+        endpoints: &[&str],
+        local: &[&str],
+        f: impl FnOnce(&mut ServicePortState),
+    ) -> ServicePortState {
+        let mut st = ServicePortState {
+            frontends: vec![
+                fe(SHOP_CIP, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+                fe(SHOP_LB, 80, Protocol::Tcp, FrontendKind::LoadBalancer),
+                fe(NODE, 30080, Protocol::Tcp, FrontendKind::NodePort),
+            ],
+            endpoints: eps(endpoints),
+            local_endpoints: eps(local),
+            ..Default::default()
+        };
+        f(&mut st);
+        st.frontends.sort();
+        st
+    }
+
+    fn with(ports: Vec<(ServicePortId, ServicePortState)>) -> DesiredState {
+        DesiredState {
+            services: ports.into_iter().collect(),
+        }
+    }
+
+    fn key(addr: &str, port: u16) -> ServiceKey {
+        ServiceKey {
+            addr: addr_to_map(ip(addr)),
+            port_be: port.to_be(),
+            proto: lb_common::PROTO_TCP,
+            _pad: 0,
+        }
+    }
+
+    fn be_id(m: &Mem, addr: &str) -> u32 {
+        let k = (addr_to_map(ip(addr)), 8080u16.to_be());
+        *m.backends
+            .iter()
+            .find(|(_, b)| (b.addr, b.port_be) == k)
+            .unwrap_or_else(|| panic!("no backend {addr}"))
+            .0
+    }
+
+    /// Index of the first write starting with `prefix` at or after `from`.
+    fn write_at(m: &Mem, from: usize, prefix: &str) -> usize {
+        m.writes[from..]
+            .iter()
+            .position(|w| w.starts_with(prefix))
+            .map(|i| i + from)
+            .unwrap_or_else(|| panic!("no {prefix} in {:?}", &m.writes[from..]))
+    }
+
+    #[test]
+    fn local_frontends_use_the_node_local_table_and_drop_only_while_endpoints_exist() {
+        let mut r = new();
+        let all = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
+        // externalTrafficPolicy: Local; one endpoint on this node.
+        let d = with(vec![(
+            shop_id(),
+            shop(&all, &["198.18.1.1"], |s| s.external_local = true),
+        )]);
+        apply_ok(&mut r, &d);
+        let m = r.writer();
+        let (cip, lb, np) = (
+            m.services[&key(SHOP_CIP, 80)],
+            m.services[&key(SHOP_LB, 80)],
+            m.services[&key(NODE, 30080)],
+        );
+        assert_eq!(cip.flags & SVC_F_LOCAL, 0);
+        assert_eq!(lb.flags & SVC_F_LOCAL, SVC_F_LOCAL);
+        // The external frontends share the local table; the ClusterIP has its own.
+        assert_eq!(
+            (lb.maglev_offset, lb.maglev_size),
+            (np.maglev_offset, np.maglev_size)
+        );
+        assert_ne!(lb.maglev_offset, cip.maglev_offset);
+        assert_eq!(lb.maglev_size, crate::maglev::table_size(1));
+        assert_eq!(cip.maglev_size, crate::maglev::table_size(3));
+        let writes = apply_ok(&mut r, &d).writes();
+        assert_eq!(writes, 0);
+
+        // internalTrafficPolicy: Local too: the cluster table goes, the remote endpoints'
+        // backends stay (flows pinned to them keep working).
+        let d = with(vec![(
+            shop_id(),
+            shop(&all, &["198.18.1.1"], |s| {
+                s.external_local = true;
+                s.internal_local = true;
+            }),
+        )]);
+        let s = apply_ok(&mut r, &d);
+        assert_eq!((s.ranges_freed, s.backends_deleted), (1, 0), "{s}");
+        assert_eq!(s.tables_written, 0, "the local table is reused: {s}");
+
+        // No local endpoint while others exist: drop (SVC_F_DROP_IF_EMPTY, size 0).
+        let d = with(vec![(
+            shop_id(),
+            shop(&all, &[], |s| s.external_local = true),
+        )]);
+        apply_ok(&mut r, &d);
+        let lb = r.writer().services[&key(SHOP_LB, 80)];
+        assert_eq!(
+            (lb.flags & SVC_F_DROP_IF_EMPTY, lb.maglev_size),
+            (SVC_F_DROP_IF_EMPTY, 0)
+        );
+        // No endpoints at all: refuse, as without the policy.
+        let d = with(vec![(
+            shop_id(),
+            shop(&[], &[], |s| s.external_local = true),
+        )]);
+        apply_ok(&mut r, &d);
+        let lb = r.writer().services[&key(SHOP_LB, 80)];
+        assert_eq!((lb.flags & SVC_F_DROP_IF_EMPTY, lb.maglev_size), (0, 0));
+        assert!(r.writer().backends.is_empty());
+
+        // Dual-stack: the rule is per family. IPv4 has a local endpoint, IPv6 only a remote
+        // one: the IPv6 LoadBalancer frontend drops, the IPv4 one forwards.
+        let d = with(vec![(
+            shop_id(),
+            shop(&["198.18.1.1", "2001:db8:1::1"], &["198.18.1.1"], |s| {
+                s.external_local = true;
+                s.frontends.push(fe(
+                    "2001:db8:200::1",
+                    80,
+                    Protocol::Tcp,
+                    FrontendKind::LoadBalancer,
+                ));
+            }),
+        )]);
+        apply_ok(&mut r, &d);
+        let m = r.writer();
+        let v6 = m.services[&key("2001:db8:200::1", 80)];
+        assert_eq!(v6.flags & SVC_F_DROP_IF_EMPTY, SVC_F_DROP_IF_EMPTY);
+        assert_eq!(m.services[&key(SHOP_LB, 80)].flags & SVC_F_DROP_IF_EMPTY, 0);
+    }
+
+    #[test]
+    fn local_tables_keep_their_size_like_cluster_tables() {
+        let ten: Vec<String> = (1..=10).map(|i| format!("198.18.1.{i}")).collect();
+        let ten: Vec<&str> = ten.iter().map(String::as_str).collect();
+        let mut r = new();
+        let local = |n: usize| {
+            with(vec![(
+                shop_id(),
+                shop(&ten, &ten[..n], |s| s.external_local = true),
+            )])
+        };
+        apply_ok(&mut r, &local(10));
+        let before = r.writer().services[&key(SHOP_LB, 80)];
+        apply_ok(&mut r, &local(9));
+        let after = r.writer().services[&key(SHOP_LB, 80)];
+        assert_eq!(after.maglev_size, before.maglev_size, "size kept");
+        assert_ne!(after.maglev_offset, before.maglev_offset, "a new range");
+        // The cluster table did not change at all.
+        let s = apply_ok(&mut r, &local(9));
+        assert_eq!(s.writes(), 0);
+    }
+
+    #[test]
+    fn nodeports_are_frontends_but_not_vips() {
+        let limits = Limits {
+            vips: 1,
+            ..Limits::default()
+        };
+        let mut r = Reconciler::adopt_with_limits(Mem::default(), limits).expect("adopt");
+        let d = with(vec![(
+            shop_id(),
+            shop(&["198.18.1.1"], &["198.18.1.1"], |s| {
+                s.frontends.retain(|f| f.kind != FrontendKind::LoadBalancer);
+                s.frontends.push(fe(
+                    "2001:db8::1",
+                    30080,
+                    Protocol::Tcp,
+                    FrontendKind::NodePort,
+                ));
+            }),
+        )]);
+        // One VIP fits: the node addresses do not count.
+        apply_ok(&mut r, &d);
+        let m = r.writer();
+        let np = m.services[&key(NODE, 30080)];
+        assert_eq!(np.flags, SVC_F_EXTERNAL | SVC_F_NODE_PORT);
+        assert!(!m.vips.contains_key(&addr_to_map(ip(NODE))));
+        assert_eq!(m.vips.len(), 1);
+    }
+
+    #[test]
+    fn draining_endpoints_keep_their_backend_out_of_every_table() {
+        let mut r = new();
+        let two = with(vec![(
+            shop_id(),
+            shop(
+                &["198.18.1.1", "198.18.1.2"],
+                &["198.18.1.1", "198.18.1.2"],
+                |_| {},
+            ),
+        )]);
+        apply_ok(&mut r, &two);
+        let id2 = be_id(r.writer(), "198.18.1.2");
+        // 198.18.1.2 terminates: out of the tables, still a backend, same id.
+        let draining = with(vec![(
+            shop_id(),
+            shop(&["198.18.1.1"], &["198.18.1.1"], |s| {
+                s.draining = eps(&["198.18.1.2"])
+            }),
+        )]);
+        let n = r.writer().writes.len();
+        let s = apply_ok(&mut r, &draining);
+        assert_eq!(s.backends_deleted, 0, "{s}");
+        assert_eq!(be_id(r.writer(), "198.18.1.2"), id2);
+        assert!(
+            !r.writer().writes[n..]
+                .iter()
+                .any(|w| w.starts_with("put_backend")),
+            "{:?}",
+            &r.writer().writes[n..]
+        );
+        // A restarted agent adopts it without a write.
+        let mut adopted = Reconciler::adopt(Mem {
+            writes: Vec::new(),
+            ..r.writer().clone()
+        })
+        .expect("adopt");
+        assert_eq!(apply_ok(&mut adopted, &draining).writes(), 0);
+        // A new endpoint does not disturb the draining one either.
+        let more = with(vec![(
+            shop_id(),
+            shop(
+                &["198.18.1.1", "198.18.1.3"],
+                &["198.18.1.1", "198.18.1.3"],
+                |s| s.draining = eps(&["198.18.1.2"]),
+            ),
+        )]);
+        let s = apply_ok(&mut adopted, &more);
+        assert_eq!((s.backends_put, s.backends_deleted), (1, 0), "{s}");
+        // Gone from the slices: deleted.
+        let gone = with(vec![(
+            shop_id(),
+            shop(&["198.18.1.1"], &["198.18.1.1"], |_| {}),
+        )]);
+        let n = adopted.writer().writes.len();
+        let s = apply_ok(&mut adopted, &gone);
+        assert_eq!(s.backends_deleted, 2, "{s}");
+        assert!(adopted.writer().writes[n..].contains(&format!("delete_backend {id2}")));
+        // Draining and back to ready: back into the table with the same id.
+        apply_ok(&mut adopted, &draining);
+        let id2 = be_id(adopted.writer(), "198.18.1.2");
+        apply_ok(&mut adopted, &two);
+        assert_eq!(be_id(adopted.writer(), "198.18.1.2"), id2);
+    }
+
+    fn affinity_port(endpoints: &[&str], timeout: Option<u32>) -> ServicePortState {
+        shop(endpoints, endpoints, |s| s.affinity_timeout_s = timeout)
+    }
+
+    fn other_id() -> ServicePortId {
+        id("other", "", Protocol::Tcp)
+    }
+
+    fn other_port(endpoints: &[&str]) -> ServicePortState {
+        ServicePortState {
+            frontends: vec![fe(
+                "198.18.100.9",
+                80,
+                Protocol::Tcp,
+                FrontendKind::ClusterIp,
+            )],
+            endpoints: eps(endpoints),
+            local_endpoints: eps(endpoints),
+            affinity_timeout_s: Some(10800),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn affinity_flags_and_purge_of_backends_leaving_the_tables() {
+        let abc = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
+        let mut r = new();
+        let d = with(vec![
+            (shop_id(), affinity_port(&abc, Some(60))),
+            (other_id(), other_port(&abc)),
+            dns_port(&["198.18.1.5"]),
+        ]);
+        apply_ok(&mut r, &d);
+        let lb = r.writer().services[&key(SHOP_LB, 80)];
+        assert_eq!(lb.flags & SVC_F_AFFINITY, SVC_F_AFFINITY);
+        assert_eq!(lb.affinity_timeout_s, 60);
+        let shop_svc = lb.svc_id;
+        let other_svc = r.writer().services[&key("198.18.100.9", 80)].svc_id;
+        let m = r.writer_mut();
+        let (b1, b2, b3) = (
+            be_id(m, "198.18.1.1"),
+            be_id(m, "198.18.1.2"),
+            be_id(m, "198.18.1.3"),
+        );
+        m.remember("198.18.9.1", shop_svc, 0, b1);
+        m.remember("198.18.9.2", shop_svc, 0, b2);
+        m.remember("198.18.9.3", shop_svc, 0, b3);
+        m.remember("198.18.9.2", other_svc, 0, b2);
+        // The first apply walked AFFINITY once (nothing was known to be applied).
+        m.affinity_walks.set(0);
+
+        // 198.18.1.2 starts draining in shop only: shop's entry for it goes, after shop's
+        // frontends switched to the new table; other's entry to the same backend stays.
+        let d = with(vec![
+            (
+                shop_id(),
+                shop(
+                    &["198.18.1.1", "198.18.1.3"],
+                    &["198.18.1.1", "198.18.1.3"],
+                    |s| {
+                        s.affinity_timeout_s = Some(60);
+                        s.draining = eps(&["198.18.1.2"]);
+                    },
+                ),
+            ),
+            (other_id(), other_port(&abc)),
+            dns_port(&["198.18.1.5"]),
+        ]);
+        let n = r.writer().writes.len();
+        let s = apply_ok(&mut r, &d);
+        assert_eq!(s.affinity_deleted, 1, "{s}");
+        let m = r.writer();
+        let del = write_at(m, n, "delete_affinity 198.18.9.2/");
+        let switch = write_at(m, n, &format!("put_frontend {SHOP_LB}:80"));
+        assert!(switch < del, "{:?}", &m.writes[n..]);
+        let left: BTreeSet<(u32, u32)> = m
+            .affinity
+            .iter()
+            .map(|((_, svc, _), (v, _))| (*svc, v.backend_id))
+            .collect();
+        assert_eq!(
+            left,
+            BTreeSet::from([(shop_svc, b1), (shop_svc, b3), (other_svc, b2)])
+        );
+        assert_eq!(m.affinity_walks.get(), 1);
+
+        // A change to a port without affinity does not walk AFFINITY.
+        let mut d2 = d.clone();
+        let (dns_id, dns_st) = dns_port(&["198.18.1.6"]);
+        d2.services.insert(dns_id, dns_st);
+        apply_ok(&mut r, &d2);
+        assert_eq!(r.writer().affinity_walks.get(), 1);
+
+        // A scale-up keeps every entry (nobody left a table).
+        let mut d3 = d2.clone();
+        d3.services.insert(
+            shop_id(),
+            shop(
+                &["198.18.1.1", "198.18.1.3", "198.18.1.4"],
+                &["198.18.1.1", "198.18.1.3", "198.18.1.4"],
+                |s| s.affinity_timeout_s = Some(60),
+            ),
+        );
+        let s = apply_ok(&mut r, &d3);
+        assert_eq!(s.affinity_deleted, 0, "{s}");
+        assert_eq!(r.writer().affinity.len(), 3);
+
+        // shop loses affinity: all its entries go; other's stay.
+        let mut d4 = d3.clone();
+        d4.services.insert(
+            shop_id(),
+            shop(
+                &["198.18.1.1", "198.18.1.3", "198.18.1.4"],
+                &["198.18.1.1", "198.18.1.3", "198.18.1.4"],
+                |_| {},
+            ),
+        );
+        let s = apply_ok(&mut r, &d4);
+        assert_eq!(s.affinity_deleted, 2, "{s}");
+        assert_eq!(r.writer().services[&key(SHOP_LB, 80)].affinity_timeout_s, 0);
+
+        // other is removed: its entries go with it, before its backend ids are freed.
+        let mut d5 = d4.clone();
+        d5.services.remove(&other_id());
+        let n = r.writer().writes.len();
+        let s = apply_ok(&mut r, &d5);
+        assert_eq!(s.affinity_deleted, 1, "{s}");
+        assert!(r.writer().affinity.is_empty());
+        let m = r.writer();
+        let del = write_at(m, n, "delete_affinity");
+        if let Some(be) = m.writes[n..]
+            .iter()
+            .position(|w| w.starts_with("delete_backend"))
+        {
+            assert!(del < n + be, "{:?}", &m.writes[n..]);
+        }
+    }
+
+    #[test]
+    fn affinity_entries_are_per_scope() {
+        let abc = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
+        let mut r = new();
+        // The LoadBalancer and NodePort frontends use the local table {1}, the ClusterIP
+        // the cluster table {1, 2, 3}.
+        let st = |local: &[&str]| {
+            shop(&abc, local, |s| {
+                s.affinity_timeout_s = Some(10800);
+                s.external_local = true;
+            })
+        };
+        apply_ok(
+            &mut r,
+            &with(vec![(shop_id(), st(&["198.18.1.1", "198.18.1.2"]))]),
+        );
+        let svc = r.writer().services[&key(SHOP_LB, 80)].svc_id;
+        let m = r.writer_mut();
+        let (b1, b2) = (be_id(m, "198.18.1.1"), be_id(m, "198.18.1.2"));
+        m.remember("198.18.9.1", svc, 1, b2);
+        m.remember("198.18.9.1", svc, 0, b2);
+        m.remember("198.18.9.2", svc, 1, b1);
+        // 198.18.1.2 leaves the local table only: the local-scope entry for it goes, the
+        // cluster-scope one stays.
+        let s = apply_ok(&mut r, &with(vec![(shop_id(), st(&["198.18.1.1"]))]));
+        assert_eq!(s.affinity_deleted, 1, "{s}");
+        let left: BTreeSet<(u32, u32)> = r
+            .writer()
+            .affinity
+            .iter()
+            .map(|((_, _, scope), (v, _))| (*scope, v.backend_id))
+            .collect();
+        assert_eq!(left, BTreeSet::from([(0, b2), (1, b1)]));
+    }
+
+    #[test]
+    fn adopting_checks_every_affinity_entry_once_and_writes_nothing_when_consistent() {
+        let abc = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
+        let mut r = new();
+        let d = with(vec![(shop_id(), affinity_port(&abc, Some(60)))]);
+        apply_ok(&mut r, &d);
+        let svc = r.writer().services[&key(SHOP_LB, 80)].svc_id;
+        let b1 = be_id(r.writer(), "198.18.1.1");
+        r.writer_mut().remember("198.18.9.1", svc, 0, b1);
+        let mut maps = r.writer().clone();
+        maps.writes.clear();
+        maps.affinity_walks.set(0);
+        let mut adopted = Reconciler::adopt(maps.clone()).expect("adopt");
+        let s = apply_ok(&mut adopted, &d);
+        assert_eq!(s.writes(), 0, "{s}");
+        assert_eq!(adopted.writer().affinity_walks.get(), 1);
+        // Left behind by an agent that died mid-apply: an entry of a port that is gone
+        // and one naming a backend outside the tables.
+        maps.remember("198.18.9.2", svc + 7, 0, b1);
+        maps.remember("198.18.9.3", svc, 1, b1);
+        let mut adopted = Reconciler::adopt(maps).expect("adopt");
+        let s = apply_ok(&mut adopted, &d);
+        assert_eq!((s.affinity_deleted, s.writes()), (2, 2), "{s}");
+    }
+
+    fn ranged(endpoints: &[&str], ranges: &[&str]) -> ServicePortState {
+        shop(endpoints, endpoints, |s| {
+            s.source_ranges = ranges
+                .iter()
+                .map(|r| {
+                    let (a, l) = r.split_once('/').expect("prefix");
+                    crate::model::Prefix {
+                        addr: ip(a),
+                        len: l.parse().expect("length"),
+                    }
+                })
+                .collect();
+            s.source_ranges.sort();
+        })
+    }
+
+    #[test]
+    fn source_ranges_go_in_before_the_flag_and_out_after_it() {
+        let mut r = new();
+        let one = ["198.18.1.1"];
+        let d = with(vec![(shop_id(), ranged(&one, &["198.18.50.0/24"]))]);
+        apply_ok(&mut r, &d);
+        let m = r.writer();
+        let lb = m.services[&key(SHOP_LB, 80)];
+        assert_eq!(lb.flags & SVC_F_SOURCE_RANGES, SVC_F_SOURCE_RANGES);
+        // Only LoadBalancer frontends are restricted.
+        assert_eq!(
+            m.services[&key(SHOP_CIP, 80)].flags & SVC_F_SOURCE_RANGES,
+            0
+        );
+        assert_eq!(m.services[&key(NODE, 30080)].flags & SVC_F_SOURCE_RANGES, 0);
+        let range = m.src_ranges.iter().next().copied().expect("a range");
+        assert_eq!(range.bits, 96 + 24, "IPv4 counts the mapped prefix");
+        assert_eq!(range.key().prefix_len(), 32 + 96 + 24);
+        assert_eq!(range.prefix().to_string(), "198.18.50.0/24");
+        let put = write_at(m, 0, "put_src_range");
+        let flag = write_at(m, 0, &format!("put_frontend {SHOP_LB}:80"));
+        assert!(put < flag, "{:?}", m.writes);
+
+        // Another set: the new prefixes first, the old one last.
+        let d = with(vec![(
+            shop_id(),
+            ranged(&one, &["198.18.60.0/24", "2001:db8:50::/48"]),
+        )]);
+        let n = r.writer().writes.len();
+        let s = apply_ok(&mut r, &d);
+        assert_eq!((s.src_ranges_put, s.src_ranges_deleted), (2, 1), "{s}");
+        let w = &r.writer().writes[n..];
+        assert!(
+            w[2].starts_with("delete_src_range") && w.len() == 3,
+            "{w:?}"
+        );
+
+        // Adopted as they are.
+        let mut adopted = Reconciler::adopt(Mem {
+            writes: Vec::new(),
+            ..r.writer().clone()
+        })
+        .expect("adopt");
+        assert_eq!(apply_ok(&mut adopted, &d).writes(), 0);
+
+        // No ranges any more: the flag is cleared before the prefixes go.
+        let d = with(vec![(shop_id(), ranged(&one, &[]))]);
+        let n = adopted.writer().writes.len();
+        let s = apply_ok(&mut adopted, &d);
+        assert_eq!(s.src_ranges_deleted, 2, "{s}");
+        let m = adopted.writer();
+        let flag = write_at(m, n, &format!("put_frontend {SHOP_LB}:80"));
+        let del = write_at(m, n, "delete_src_range");
+        assert!(flag < del, "{:?}", &m.writes[n..]);
+
+        // A removed port takes its prefixes along, after its frontends and before its name.
+        let d = with(vec![(shop_id(), ranged(&one, &["198.18.50.0/24"]))]);
+        apply_ok(&mut adopted, &d);
+        let n = adopted.writer().writes.len();
+        apply_ok(&mut adopted, &with(vec![]));
+        let m = adopted.writer();
+        let fe_del = write_at(m, n, &format!("delete_frontend {SHOP_LB}:80"));
+        let del = write_at(m, n, "delete_src_range");
+        let name = write_at(m, n, "delete_svc_meta");
+        assert!(fe_del < del && del < name, "{:?}", &m.writes[n..]);
+    }
+
+    #[test]
+    fn prefixes_of_an_unnamed_svc_id_are_removed() {
+        let stray = SrcRange::new(
+            42,
+            &crate::model::Prefix {
+                addr: ip("198.18.50.0"),
+                len: 24,
+            },
+        );
+        let mut maps = Mem::default();
+        maps.src_ranges.insert(stray);
+        let mut r = Reconciler::adopt(maps).expect("adopt");
+        let s = apply_ok(&mut r, &with(vec![]));
+        assert_eq!(s.src_ranges_deleted, 1, "{s}");
+        assert!(r.writer().src_ranges.is_empty());
+    }
+
+    #[test]
+    fn src_range_keys_mask_host_bits_and_round_trip() {
+        let p = |a: &str, len: u8| crate::model::Prefix { addr: ip(a), len };
+        let r = SrcRange::new(3, &p("198.18.50.77", 20));
+        assert_eq!(r.prefix(), p("198.18.48.0", 20));
+        let k = r.key();
+        assert_eq!(u32::from_be(k.data().svc_id_be), 3);
+        assert_eq!(SrcRange::from_key(&k), Some(r));
+        let r6 = SrcRange::new(3, &p("2001:db8:50::ff", 48));
+        assert_eq!(r6.prefix(), p("2001:db8:50::", 48));
+        assert_eq!(r6.key().prefix_len(), 32 + 48);
+        let all4 = SrcRange::new(3, &p("0.0.0.0", 0));
+        assert_eq!((all4.bits, all4.prefix()), (96, p("0.0.0.0", 0)));
+    }
+
+    #[test]
+    fn failed_write_with_every_feature_is_recovered_by_the_next_apply() {
+        let abc = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
+        let before = with(vec![
+            (
+                shop_id(),
+                shop(&abc, &["198.18.1.1", "198.18.1.2"], |s| {
+                    s.external_local = true;
+                    s.affinity_timeout_s = Some(60);
+                    s.source_ranges = vec![crate::model::Prefix {
+                        addr: ip("198.18.50.0"),
+                        len: 24,
+                    }];
+                }),
+            ),
+            (other_id(), other_port(&abc)),
+        ]);
+        let after = with(vec![(
+            shop_id(),
+            shop(&["198.18.1.3", "198.18.1.4"], &["198.18.1.4"], |s| {
+                s.internal_local = true;
+                s.draining = eps(&["198.18.1.1"]);
+                s.source_ranges = vec![crate::model::Prefix {
+                    addr: ip("198.18.60.0"),
+                    len: 24,
+                }];
+            }),
+        )]);
+        for fail_at in 0..40 {
+            let mut r = new();
+            apply_ok(&mut r, &before);
+            let m = r.writer_mut();
+            let svc = m.services[&key(SHOP_LB, 80)].svc_id;
+            let other = m.services[&key("198.18.100.9", 80)].svc_id;
+            let (b1, b2) = (be_id(m, "198.18.1.1"), be_id(m, "198.18.1.2"));
+            m.remember("198.18.9.1", svc, 1, b1);
+            m.remember("198.18.9.2", svc, 0, b2);
+            m.remember("198.18.9.2", other, 0, b2);
+            let n = m.writes.len();
+            m.fail_at = Some(n + fail_at);
+            let res = r.apply(&after);
+            if res.is_ok() {
+                assert_maps_hold(r.writer(), &after);
+                assert!(fail_at > 5, "only {fail_at} writes");
+                break;
+            }
+            assert!(matches!(res, Err(ReconcileError::Map(_))), "{res:?}");
+            apply_ok(&mut r, &after);
+        }
+    }
+
+    fn dns_port(endpoints: &[&str]) -> (ServicePortId, ServicePortState) {
+        let (id, frontends, endpoints) = dns(endpoints);
+        (
+            id,
+            ServicePortState {
+                frontends,
+                local_endpoints: endpoints.clone(),
+                endpoints,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_refused_port_keeps_its_draining_backends() {
+        let limits = Limits {
+            backends: 2,
+            ..Limits::default()
+        };
+        let st = |ready: &[&str]| shop(ready, ready, |s| s.draining = eps(&["198.18.1.9"]));
+        let mut r = Reconciler::adopt_with_limits(Mem::default(), limits).expect("adopt");
+        apply_ok(&mut r, &with(vec![(shop_id(), st(&["198.18.1.1"]))]));
+        // A restarted agent, and the port now needs a third backend id: refused, and the
+        // draining backend (in no table, known only from the desired state) stays.
+        let maps = Mem {
+            writes: Vec::new(),
+            ..r.writer().clone()
+        };
+        let mut r = Reconciler::adopt_with_limits(maps, limits).expect("adopt");
+        let more = with(vec![(shop_id(), st(&["198.18.1.1", "198.18.1.2"]))]);
+        let err = r.apply(&more).expect_err("no backend id left");
+        assert!(
+            matches!(&err, ReconcileError::ServicesNotApplied { failures, .. }
+                if matches!(failures[0].shortage, Shortage::BackendIds { .. })),
+            "{err}"
+        );
+        assert_maps_hold(r.writer(), &with(vec![(shop_id(), st(&["198.18.1.1"]))]));
+    }
+
+    #[test]
+    fn too_many_source_ranges_refuse_only_that_port() {
+        let limits = Limits {
+            src_ranges: 2,
+            ..Limits::default()
+        };
+        let mut r = Reconciler::adopt_with_limits(Mem::default(), limits).expect("adopt");
+        let one = ["198.18.1.1"];
+        let a = with(vec![(shop_id(), ranged(&one, &["198.18.50.0/24"]))]);
+        apply_ok(&mut r, &a);
+        // Two more would need three entries at the peak (old ones go after the switch).
+        let b = with(vec![(
+            shop_id(),
+            ranged(&one, &["198.18.60.0/24", "198.18.70.0/24"]),
+        )]);
+        let err = r.apply(&b).expect_err("SRC_RANGES holds 2");
+        assert!(
+            matches!(&err, ReconcileError::ServicesNotApplied { failures, .. }
+                if failures[0].shortage == Shortage::SourceRanges { needed: 2 }),
+            "{err}"
+        );
+        assert_maps_hold(r.writer(), &a);
+        // One of them replacing the old one fits.
+        let c = with(vec![(shop_id(), ranged(&one, &["198.18.60.0/24"]))]);
+        apply_ok(&mut r, &c);
     }
 
     #[test]

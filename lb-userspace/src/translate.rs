@@ -1,17 +1,55 @@
-//! Kubernetes objects (`v1/Service`, `discovery.k8s.io/v1/EndpointSlice`) to the desired
-//! state, with kube-proxy's semantics. Both the file source and the Kubernetes API source
-//! feed the same `k8s-openapi` types through this module, so they cannot disagree.
+//! Kubernetes objects (`v1/Service`, `discovery.k8s.io/v1/EndpointSlice`, `v1/Node`) to
+//! the desired state, with kube-proxy's semantics (1.28+). Both the file source and the
+//! Kubernetes API source feed the same `k8s-openapi` types through this module, so they
+//! cannot disagree. This comment is the specification; each rule has a test below.
+//!
+//! The node: a source resolves a [`NodeInfo`] from its Node objects and `NodeSettings`
+//! ([`NodeInfo::resolve`]): the node's name (`--node-name`), and the addresses NodePorts
+//! listen on: the `InternalIP` and `ExternalIP` addresses of the Node named so (of every
+//! Node when there is no name) plus `--nodeport-address`.
 //!
 //! What a Service contributes, per port (one `ServicePortId` = namespace, name, port
 //! name, protocol):
 //! - frontends: every `spec.clusterIPs` address (or `spec.clusterIP` when `clusterIPs` is
 //!   absent), `status.loadBalancer.ingress[].ip` when `type: LoadBalancer` (except ingress
 //!   points with `ipMode: Proxy`: the load balancer then proxies to the nodes itself and
-//!   kube-proxy does not capture the address either), and `spec.externalIPs` for any type;
+//!   kube-proxy does not capture the address either), `spec.externalIPs` for any type,
+//!   and for `type: NodePort` and `LoadBalancer` the port's `nodePort` on every node
+//!   address of the service's IP families (`spec.ipFamilies`, else the families of its
+//!   clusterIPs, else both). One (address, port, protocol) listed twice in a service is
+//!   one frontend, of the first kind in `FrontendKind` order.
 //! - endpoints: from the EndpointSlices labelled `kubernetes.io/service-name: <name>` in
 //!   the same namespace, the slice port whose `name` and protocol equal the service
 //!   port's. The EndpointSlice controller has already resolved `targetPort` (named or
 //!   numeric) into the slice ports, which is why kube-proxy never looks at `targetPort`.
+//!   Conditions: `ready` (absent: true), `serving` (absent: the value of `ready`),
+//!   `terminating` (absent: false). An endpoint is local when its `nodeName` is the
+//!   node's name, or always when the node has no name. An endpoint listed more than once
+//!   (a pod moving between slices) is one endpoint: the copy with the best conditions
+//!   (ready, else serving and terminating) counts, local if any copy is.
+//!   - `endpoints` (cluster set): the ready endpoints, or when there is none, the serving
+//!     and terminating ones (kube-proxy keeps a service that is being rolled whole
+//!     answering);
+//!   - `local_endpoints`: the same rule applied to the local endpoints alone;
+//!   - `draining`: every other listed endpoint (not in `endpoints`; it may be in
+//!     `local_endpoints`): no new flows through the cluster table, but its backend stays
+//!     so established flows keep it.
+//! - `externalTrafficPolicy: Local` → `external_local`, only when the service is
+//!   externally accessible (type NodePort or LoadBalancer, or externalIPs), as
+//!   kube-proxy's `ExternalPolicyLocal`; `internalTrafficPolicy: Local` →
+//!   `internal_local`. `healthCheckNodePort` counts for `type: LoadBalancer` with
+//!   `external_local` only.
+//! - `sessionAffinity: ClientIP` → `affinity_timeout_s` =
+//!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800, valid 1..=86400).
+//! - `spec.loadBalancerSourceRanges` (when empty, the comma-separated annotation
+//!   `service.beta.kubernetes.io/load-balancer-source-ranges`, as kube-proxy), for
+//!   `type: LoadBalancer` only: CIDR prefixes, whitespace trimmed, host bits zeroed,
+//!   sorted, deduplicated. A bad entry makes the Service invalid, naming it
+//!   (`spec.loadBalancerSourceRanges[2]`).
+//!
+//! Frontends claimed by several service ports (two services on one nodePort or external
+//! IP in a file, a node address that is also an externalIP) go to one of them: see
+//! [`translate_with_conflicts`].
 //!
 //! Dual stack: `ServicePortState.endpoints` holds the endpoints of *both* families. The
 //! reconciler builds the Maglev table of each frontend from the endpoints of the
@@ -19,23 +57,24 @@
 //!
 //! Not translated: headless services (`clusterIP: None`) and `type: ExternalName` (no
 //! virtual IP to capture), SCTP ports (the data path handles TCP and UDP; the port is
-//! skipped and [`service_warnings`] reports it), NodePorts (not in scope yet), slices of
-//! `addressType: FQDN`. Only endpoints with `conditions.ready` true (absent means true)
-//! are used; only the first of an endpoint's `addresses` is used, as the API allows.
+//! skipped and [`service_warnings`] reports it), slices of `addressType: FQDN`, topology
+//! hints. Only the first of an endpoint's `addresses` is used, as the API allows.
 //! Objects without `metadata.namespace` are in `default`, as `kubectl apply` would put
-//! them.
+//! them; Nodes are cluster-scoped.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePortId, ServicePortState,
+    DesiredState, Endpoint, Frontend, FrontendKind, NodeSettings, Prefix, Protocol, ServicePortId,
+    ServicePortState,
 };
 
 /// The label that ties an EndpointSlice to its Service.
@@ -49,6 +88,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub enum ObjectKind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped: its `ObjectRef` has an empty namespace.
+    Node,
 }
 
 impl fmt::Display for ObjectKind {
@@ -56,6 +97,7 @@ impl fmt::Display for ObjectKind {
         f.write_str(match self {
             ObjectKind::Service => "Service",
             ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Node => "Node",
         })
     }
 }
@@ -64,6 +106,7 @@ impl fmt::Display for ObjectKind {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRef {
     pub kind: ObjectKind,
+    /// Empty for cluster-scoped kinds (Node).
     pub namespace: String,
     /// Empty when the object has no `metadata.name`.
     pub name: String,
@@ -71,9 +114,13 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(kind: ObjectKind, meta: &ObjectMeta) -> Self {
+        let namespace = match kind {
+            ObjectKind::Node => String::new(),
+            ObjectKind::Service | ObjectKind::EndpointSlice => namespace_of(meta).to_owned(),
+        };
         Self {
             kind,
-            namespace: namespace_of(meta).to_owned(),
+            namespace,
             name: meta.name.clone().unwrap_or_default(),
         }
     }
@@ -86,7 +133,11 @@ impl fmt::Display for ObjectRef {
         } else {
             &self.name
         };
-        write!(f, "{} {}/{}", self.kind, self.namespace, name)
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, name)
+        }
     }
 }
 
@@ -420,7 +471,38 @@ pub fn validate_service(svc: &Service) -> Result<(), TranslateError> {
                 first: format!("spec.ports[{first}]").into(),
             });
         }
+        if let Some(n) = p.node_port {
+            if !port_in_range(n) {
+                return Err(TranslateError::PortOutOfRange {
+                    object,
+                    field: at(".nodePort"),
+                    value: n.into(),
+                });
+            }
+        }
     }
+    if let Some(n) = spec.health_check_node_port {
+        if !port_in_range(n) {
+            return Err(TranslateError::PortOutOfRange {
+                object,
+                field: "spec.healthCheckNodePort".into(),
+                value: n.into(),
+            });
+        }
+    }
+    for (i, fam) in spec.ip_families.iter().flatten().enumerate() {
+        if !matches!(fam.as_str(), "IPv4" | "IPv6") {
+            return Err(TranslateError::UnknownValue {
+                object,
+                field: format!("spec.ipFamilies[{i}]"),
+                value: fam.clone(),
+                expected: "IPv4, IPv6",
+            });
+        }
+    }
+    traffic_policies(svc, &object)?;
+    affinity_timeout(svc, &object)?;
+    source_ranges(svc, &object)?;
     Ok(())
 }
 
@@ -534,12 +616,47 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), TranslateError> {
     Ok(())
 }
 
-/// Ready endpoints of one service, per (port name, protocol).
-type EndpointsByPort = BTreeMap<(String, Protocol), Vec<Endpoint>>;
+/// One endpoint of a service port as the slices list it, with its conditions.
+#[derive(Clone, Debug)]
+struct ListedEndpoint {
+    ep: Endpoint,
+    /// `conditions.ready`; absent means true.
+    ready: bool,
+    /// `conditions.serving`; absent means the value of `ready`.
+    serving: bool,
+    /// `conditions.terminating`; absent means false.
+    terminating: bool,
+    /// `nodeName` is this node (always true without a node name).
+    local: bool,
+}
 
-/// Collects the ready endpoints of every slice, keyed by (namespace, service name).
+impl ListedEndpoint {
+    /// Whether kube-proxy's fallback (no ready endpoint at all) would use it.
+    fn serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
+
+    /// How much a copy of this endpoint is worth when two slices list it: a pod moving
+    /// between slices can be listed twice, with different conditions for a moment.
+    fn rank(&self) -> (bool, bool) {
+        (self.ready, self.serving_terminating())
+    }
+}
+
+/// Every listed endpoint of one service port, one entry per (address, port).
+type ListedEndpoints = BTreeMap<(IpAddr, u16), ListedEndpoint>;
+
+/// The endpoints of one service, per (port name, protocol).
+type EndpointsByPort = BTreeMap<(String, Protocol), ListedEndpoints>;
+
+/// Collects the endpoints of every slice, keyed by (namespace, service name). An endpoint
+/// listed by several slices (or twice in one) is one endpoint: the copy with the best
+/// conditions (ready, else serving and terminating) counts, and it is local if any copy
+/// says so (as kube-proxy favours the local copy). Deciding per (address, port) before
+/// classifying keeps one endpoint from being both in `endpoints` and in `draining`.
 fn endpoints_by_service<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
+    node: &NodeInfo,
 ) -> BTreeMap<(String, String), EndpointsByPort> {
     let mut out: BTreeMap<(String, String), EndpointsByPort> = BTreeMap::new();
     for slice in slices {
@@ -574,23 +691,359 @@ fn endpoints_by_service<'a>(
             let name = p.name.clone().unwrap_or_default();
             let eps = by_port.entry((name, protocol)).or_default();
             for ep in slice.endpoints.iter().flatten() {
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if !ready {
-                    continue;
-                }
                 let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                     continue;
                 };
-                let target = ep.target_ref.as_ref().and_then(|r| {
-                    let name = r.name.as_deref()?;
-                    let ns = r.namespace.as_deref().unwrap_or(namespace);
-                    Some(format!("{ns}/{name}"))
-                });
-                eps.push(Endpoint { addr, port, target });
+                let cond = ep.conditions.as_ref();
+                let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+                let listed = ListedEndpoint {
+                    ep: Endpoint {
+                        addr,
+                        port,
+                        target: ep.target_ref.as_ref().and_then(|r| {
+                            let name = r.name.as_deref()?;
+                            let ns = r.namespace.as_deref().unwrap_or(namespace);
+                            Some(format!("{ns}/{name}"))
+                        }),
+                    },
+                    ready,
+                    serving: cond.and_then(|c| c.serving).unwrap_or(ready),
+                    terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+                    local: match node.name.as_deref() {
+                        None => true,
+                        Some(me) => ep.node_name.as_deref() == Some(me),
+                    },
+                };
+                match eps.entry((addr, port)) {
+                    Entry::Vacant(v) => {
+                        v.insert(listed);
+                    }
+                    Entry::Occupied(mut o) => {
+                        let have = o.get_mut();
+                        let local = have.local || listed.local;
+                        let target = have.ep.target.take().or(listed.ep.target.clone());
+                        if listed.rank() > have.rank() {
+                            *have = listed;
+                        }
+                        have.local = local;
+                        if have.ep.target.is_none() {
+                            have.ep.target = target;
+                        }
+                    }
+                }
             }
         }
     }
     out
+}
+
+/// The endpoint sets of one service port (see `ServicePortState`): cluster set, local
+/// set, draining.
+fn classify(listed: &ListedEndpoints) -> (Vec<Endpoint>, Vec<Endpoint>, Vec<Endpoint>) {
+    // kube-proxy's CategorizeEndpoints: the ready endpoints, or, only when there is none,
+    // the serving and terminating ones (so a rolling update of every pod at once does not
+    // turn into refused connections). The same rule among this node's endpoints alone
+    // gives the local set.
+    let pick = |only_local: bool| -> Vec<Endpoint> {
+        let candidates: Vec<&ListedEndpoint> =
+            listed.values().filter(|l| !only_local || l.local).collect();
+        let use_ready = candidates.iter().any(|l| l.ready);
+        candidates
+            .into_iter()
+            .filter(|l| {
+                if use_ready {
+                    l.ready
+                } else {
+                    l.serving_terminating()
+                }
+            })
+            .map(|l| l.ep.clone())
+            .collect()
+    };
+    let cluster = pick(false);
+    let local = pick(true);
+    let in_cluster: BTreeSet<(IpAddr, u16)> = cluster.iter().map(|e| (e.addr, e.port)).collect();
+    let draining = listed
+        .iter()
+        .filter(|(key, _)| !in_cluster.contains(key))
+        .map(|(_, l)| l.ep.clone())
+        .collect();
+    (cluster, local, draining)
+}
+
+/// The Node address types NodePorts listen on (kube-proxy's default
+/// `--nodeport-addresses` takes the node's addresses; `Hostname` and `InternalDNS` are
+/// names, not addresses).
+const NODE_ADDRESS_TYPES: [&str; 2] = ["InternalIP", "ExternalIP"];
+
+/// What `translate` needs to know about the node it runs on, resolved by the source from
+/// the Node objects and [`NodeSettings`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Endpoints whose `nodeName` equals it are local. `None`: every endpoint is local.
+    pub name: Option<String>,
+    /// The addresses NodePorts listen on, sorted, without duplicates.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeInfo {
+    /// Node addresses = the `InternalIP` and `ExternalIP` addresses of the Node named
+    /// `settings.name` (of every Node when there is no name) plus
+    /// `settings.extra_addresses`. A named node without a Node object has only the extra
+    /// addresses.
+    pub fn resolve<'a>(settings: &NodeSettings, nodes: impl Iterator<Item = &'a Node>) -> Self {
+        let mut addresses: Vec<IpAddr> = settings.extra_addresses.clone();
+        for node in nodes {
+            if let Some(want) = settings.name.as_deref() {
+                if node.metadata.name.as_deref() != Some(want) {
+                    continue;
+                }
+            }
+            addresses.extend(node_addresses(node));
+        }
+        addresses.sort();
+        addresses.dedup();
+        Self {
+            name: settings.name.clone(),
+            addresses,
+        }
+    }
+}
+
+/// The `InternalIP` / `ExternalIP` addresses of a Node (unparsable ones skipped; see
+/// [`validate_node`]).
+fn node_addresses(node: &Node) -> impl Iterator<Item = IpAddr> + '_ {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| NODE_ADDRESS_TYPES.contains(&a.type_.as_str()))
+        .filter_map(|a| a.address.trim().parse().ok())
+}
+
+/// Checks a Node: a name, and parsable `InternalIP` / `ExternalIP` addresses.
+pub fn validate_node(node: &Node) -> Result<(), TranslateError> {
+    let object = ObjectRef::new(ObjectKind::Node, &node.metadata);
+    if object.name.is_empty() {
+        return Err(TranslateError::Missing {
+            object,
+            field: "metadata.name".into(),
+        });
+    }
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in addresses.into_iter().flatten().enumerate() {
+        if NODE_ADDRESS_TYPES.contains(&a.type_.as_str()) {
+            check_ip(
+                &object,
+                format!("status.addresses[{i}].address"),
+                a.address.trim(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when absent (3 hours, the API default).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// The largest affinity timeout the API accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// Parses `a.b.c.d/n` or `x::y/n` (whitespace around it ignored) and zeroes the host bits,
+/// as Go's `net.ParseCIDR` does for the network. A bare address is not a prefix.
+pub fn parse_prefix(text: &str) -> Option<Prefix> {
+    let (addr, len) = text.trim().split_once('/')?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    let addr = match addr.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) => {
+            if len > 32 {
+                return None;
+            }
+            // A shift by the full width (len 0) is None: no network bits.
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            if len > 128 {
+                return None;
+            }
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    Some(Prefix { addr, len })
+}
+
+/// The service's `loadBalancerSourceRanges` (LoadBalancer services only; empty: any
+/// source): the spec field, or when it is empty the annotation (comma-separated), as
+/// kube-proxy reads them. Sorted, without duplicates.
+fn source_ranges(svc: &Service, object: &ObjectRef) -> Result<Vec<Prefix>, TranslateError> {
+    if service_type(svc) != "LoadBalancer" {
+        return Ok(Vec::new());
+    }
+    let spec_ranges = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default();
+    let (field, entries): (String, Vec<&str>) = if !spec_ranges.is_empty() {
+        (
+            "spec.loadBalancerSourceRanges".into(),
+            spec_ranges.iter().map(String::as_str).collect(),
+        )
+    } else {
+        let annotation = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+            .map(|v| v.trim())
+            .unwrap_or_default();
+        if annotation.is_empty() {
+            return Ok(Vec::new());
+        }
+        (
+            format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"),
+            annotation.split(',').collect(),
+        )
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let Some(prefix) = parse_prefix(entry) else {
+            return Err(TranslateError::Invalid {
+                object: object.clone(),
+                field: format!("{field}[{i}]"),
+                reason: format!(
+                    "{:?} is not an address range (a.b.c.d/n or x::y/n)",
+                    entry.trim()
+                ),
+            });
+        };
+        out.push(prefix);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// `sessionAffinity: ClientIP`: its timeout; `None` for `sessionAffinity: None`.
+fn affinity_timeout(svc: &Service, object: &ObjectRef) -> Result<Option<u32>, TranslateError> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(None);
+    };
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+                Some(t) => u32::try_from(t)
+                    .ok()
+                    .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_S).contains(t))
+                    .map(Some)
+                    .ok_or_else(|| TranslateError::Invalid {
+                        object: object.clone(),
+                        field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        reason: format!("{t} is out of range (1-{MAX_AFFINITY_TIMEOUT_S})"),
+                    }),
+            }
+        }
+        Some(other) => Err(TranslateError::UnknownValue {
+            object: object.clone(),
+            field: "spec.sessionAffinity".into(),
+            value: other.to_owned(),
+            expected: "None, ClientIP",
+        }),
+    }
+}
+
+/// Whether a traffic policy field says `Local` (absent: `Cluster`).
+fn policy_is_local(
+    value: Option<&str>,
+    field: &str,
+    object: &ObjectRef,
+) -> Result<bool, TranslateError> {
+    match value {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(TranslateError::UnknownValue {
+            object: object.clone(),
+            field: field.to_owned(),
+            value: other.to_owned(),
+            expected: "Cluster, Local",
+        }),
+    }
+}
+
+/// Whether clients outside the cluster can reach the service, kube-proxy's
+/// `ExternallyAccessible`: NodePort and LoadBalancer types, or externalIPs.
+fn externally_accessible(svc: &Service) -> bool {
+    matches!(service_type(svc), "NodePort" | "LoadBalancer")
+        || svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_ips.as_ref())
+            .is_some_and(|ips| !ips.is_empty())
+}
+
+/// `(external_local, internal_local)`. `externalTrafficPolicy: Local` only counts for an
+/// externally accessible service (kube-proxy's `ExternalPolicyLocal`).
+fn traffic_policies(svc: &Service, object: &ObjectRef) -> Result<(bool, bool), TranslateError> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok((false, false));
+    };
+    let external = policy_is_local(
+        spec.external_traffic_policy.as_deref(),
+        "spec.externalTrafficPolicy",
+        object,
+    )?;
+    let internal = policy_is_local(
+        spec.internal_traffic_policy.as_deref(),
+        "spec.internalTrafficPolicy",
+        object,
+    )?;
+    Ok((external && externally_accessible(svc), internal))
+}
+
+/// The IP families NodePorts of this service listen on: `spec.ipFamilies`, else the
+/// families of its clusterIPs, else (a hand-written manifest without either) both.
+/// Returned as (IPv4, IPv6).
+fn node_port_families(svc: &Service) -> (bool, bool) {
+    let Some(spec) = svc.spec.as_ref() else {
+        return (true, true);
+    };
+    if let Some(fams) = spec.ip_families.as_ref().filter(|f| !f.is_empty()) {
+        return (
+            fams.iter().any(|f| f == "IPv4"),
+            fams.iter().any(|f| f == "IPv6"),
+        );
+    }
+    let cluster: Vec<IpAddr> = match spec.cluster_ips.as_ref() {
+        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+        _ => spec
+            .cluster_ip
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect(),
+    };
+    if cluster.is_empty() {
+        return (true, true);
+    }
+    (
+        cluster.iter().any(IpAddr::is_ipv4),
+        cluster.iter().any(IpAddr::is_ipv6),
+    )
 }
 
 /// Frontend addresses of a (non-ignored) service, with their kinds.
@@ -641,8 +1094,9 @@ fn frontend_addrs(svc: &Service) -> Vec<(IpAddr, FrontendKind)> {
 pub fn translate<'a, 'b>(
     services: impl Iterator<Item = &'a Service>,
     slices: impl Iterator<Item = &'b EndpointSlice>,
+    node: &NodeInfo,
 ) -> DesiredState {
-    translate_with_conflicts(services, slices).state
+    translate_with_conflicts(services, slices, node).state
 }
 
 /// Two service ports claiming one (address, port, protocol): only one can own the
@@ -675,8 +1129,9 @@ pub struct Translation {
 pub fn translate_with_conflicts<'a, 'b>(
     services: impl Iterator<Item = &'a Service>,
     slices: impl Iterator<Item = &'b EndpointSlice>,
+    node: &NodeInfo,
 ) -> Translation {
-    let mut endpoints = endpoints_by_service(slices);
+    let mut endpoints = endpoints_by_service(slices, node);
     let mut state = DesiredState::default();
     let mut created: BTreeMap<(String, String), Option<Time>> = BTreeMap::new();
     for svc in services {
@@ -686,8 +1141,31 @@ pub fn translate_with_conflicts<'a, 'b>(
         let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
             continue;
         };
+        let object = ObjectRef::new(ObjectKind::Service, &svc.metadata);
         let namespace = namespace_of(&svc.metadata);
         let addrs = frontend_addrs(svc);
+        // Validation rejected anything these could fail on; for an unvalidated object
+        // the feature is left off rather than guessed.
+        let (external_local, internal_local) = traffic_policies(svc, &object).unwrap_or_default();
+        let affinity_timeout_s = affinity_timeout(svc, &object).unwrap_or_default();
+        let source_ranges = source_ranges(svc, &object).unwrap_or_default();
+        let health_check_node_port = if service_type(svc) == "LoadBalancer" && external_local {
+            svc.spec
+                .as_ref()
+                .and_then(|s| s.health_check_node_port)
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|&p| p != 0)
+        } else {
+            None
+        };
+        let has_node_ports = matches!(service_type(svc), "NodePort" | "LoadBalancer");
+        let (want_v4, want_v6) = node_port_families(svc);
+        let node_addrs: Vec<IpAddr> = node
+            .addresses
+            .iter()
+            .copied()
+            .filter(|a| if a.is_ipv4() { want_v4 } else { want_v6 })
+            .collect();
         let mut svc_endpoints = endpoints
             .remove(&(namespace.to_owned(), name.to_owned()))
             .unwrap_or_default();
@@ -710,19 +1188,29 @@ pub fn translate_with_conflicts<'a, 'b>(
                     kind,
                 })
                 .collect();
+            let node_port = p
+                .node_port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|&n| n != 0 && has_node_ports);
+            if let Some(node_port) = node_port {
+                frontends.extend(node_addrs.iter().map(|&addr| Frontend {
+                    addr,
+                    port: node_port,
+                    protocol,
+                    kind: FrontendKind::NodePort,
+                }));
+            }
             frontends.sort();
-            // The same address listed twice (say as clusterIP and externalIP) is one
-            // frontend: SERVICES has one entry per (address, port, protocol). Sorting put
-            // the ClusterIP kind first, which is the one kept.
+            // The same address and port listed twice (say as clusterIP and externalIP)
+            // is one frontend: SERVICES has one entry per (address, port, protocol).
+            // Sorting put the kinds in `FrontendKind` order (ClusterIP first), and the
+            // first is the one kept.
             frontends.dedup_by_key(|f| (f.addr, f.port, f.protocol));
 
-            let mut eps = svc_endpoints
+            let listed = svc_endpoints
                 .remove(&(port_name.clone(), protocol))
                 .unwrap_or_default();
-            eps.sort();
-            // One pod can appear in two slices while the controller moves it; it is one
-            // backend.
-            eps.dedup_by_key(|e| (e.addr, e.port));
+            let (endpoints, local_endpoints, draining) = classify(&listed);
 
             state.services.insert(
                 ServicePortId {
@@ -733,7 +1221,14 @@ pub fn translate_with_conflicts<'a, 'b>(
                 },
                 ServicePortState {
                     frontends,
-                    endpoints: eps,
+                    endpoints,
+                    local_endpoints,
+                    draining,
+                    internal_local,
+                    external_local,
+                    affinity_timeout_s,
+                    source_ranges: source_ranges.clone(),
+                    health_check_node_port,
                 },
             );
         }
@@ -822,7 +1317,7 @@ mod tests {
         for s in slices {
             validate_slice(s).expect("test EndpointSlice is valid");
         }
-        translate(services.iter(), slices.iter())
+        translate(services.iter(), slices.iter(), &NodeInfo::default())
     }
 
     fn id(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortId {
@@ -1110,7 +1605,11 @@ spec:
   externalIPs: [198.18.200.70, 198.18.100.71]
   ports: [{port: 80}]
 "#;
-        let t = translate_with_conflicts([svc(older), svc(newer)].iter(), [].iter());
+        let t = translate_with_conflicts(
+            [svc(older), svc(newer)].iter(),
+            [].iter(),
+            &NodeInfo::default(),
+        );
         let zeta = id("a", "zeta", "", Protocol::Tcp);
         let alpha = id("a", "alpha", "", Protocol::Tcp);
         let addrs = |i: &ServicePortId| -> Vec<String> {
@@ -1136,7 +1635,11 @@ spec:
         );
         // Other ports or protocols on the same address are not a conflict.
         let other_port = newer.replace("ports: [{port: 80}]", "ports: [{port: 81}]");
-        let t = translate_with_conflicts([svc(older), svc(&other_port)].iter(), [].iter());
+        let t = translate_with_conflicts(
+            [svc(older), svc(&other_port)].iter(),
+            [].iter(),
+            &NodeInfo::default(),
+        );
         assert!(t.conflicts.is_empty());
         assert_eq!(t.state.services[&alpha].frontends.len(), 3);
     }
@@ -1197,8 +1700,23 @@ endpoints:
         );
     }
 
+    fn addrs(eps: &[Endpoint]) -> Vec<String> {
+        eps.iter().map(|e| e.addr.to_string()).collect()
+    }
+
     #[test]
-    fn not_ready_endpoints_are_excluded() {
+    fn not_ready_endpoints_take_no_new_flows_but_drain() {
+        let state = run(&[svc(WEB)], &[slice(WEB_SLICE)]);
+        let st = &state.services[&id("shop", "web", "", Protocol::Tcp)];
+        assert_eq!(addrs(&st.endpoints), vec!["198.18.1.1", "198.18.1.2"]);
+        // The terminating pod keeps its established flows.
+        assert_eq!(st.draining, vec![ep("198.18.1.3", 8080, None)]);
+        // No node name: every endpoint is local.
+        assert_eq!(st.local_endpoints, st.endpoints);
+    }
+
+    #[test]
+    fn without_ready_endpoints_serving_terminating_ones_take_new_flows() {
         let all_down = WEB_SLICE.replace("conditions: {ready: true}", "conditions: {ready: false}");
         let all_down = all_down.replace(
             "targetRef: {kind: Pod, name: web-0}",
@@ -1206,7 +1724,593 @@ endpoints:
         );
         let state = run(&[svc(WEB)], &[slice(&all_down)]);
         let st = &state.services[&id("shop", "web", "", Protocol::Tcp)];
+        // kube-proxy's fallback: 198.18.1.3 is serving and terminating; the other two are
+        // not ready and (serving absent = ready = false) not serving.
+        assert_eq!(st.endpoints, vec![ep("198.18.1.3", 8080, None)]);
+        assert_eq!(st.local_endpoints, st.endpoints);
+        assert_eq!(addrs(&st.draining), vec!["198.18.1.1", "198.18.1.2"]);
+
+        // Terminating but not serving (a pod that failed its readiness probe while
+        // shutting down) is no fallback: nothing takes new flows, all drain.
+        let not_serving = all_down.replace(
+            "conditions: {ready: false, serving: true, terminating: true}",
+            "conditions: {ready: false, terminating: true}",
+        );
+        let state = run(&[svc(WEB)], &[slice(&not_serving)]);
+        let st = &state.services[&id("shop", "web", "", Protocol::Tcp)];
         assert!(st.endpoints.is_empty(), "{:?}", st.endpoints);
+        assert!(st.local_endpoints.is_empty());
+        assert_eq!(st.draining.len(), 3);
+
+        // Serving but not terminating (a not-ready pod that is starting) is no fallback.
+        let starting = all_down.replace(
+            "conditions: {ready: false, serving: true, terminating: true}",
+            "conditions: {ready: false, serving: true}",
+        );
+        let state = run(&[svc(WEB)], &[slice(&starting)]);
+        assert!(state.services[&id("shop", "web", "", Protocol::Tcp)]
+            .endpoints
+            .is_empty());
+    }
+
+    const NODES_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-nodes
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: "", port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [198.18.1.1], nodeName: n1}
+- {addresses: [198.18.1.2], nodeName: n2}
+- {addresses: [198.18.1.3], nodeName: n1, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [198.18.1.4], nodeName: n2, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [198.18.1.5]}
+"#;
+
+    fn node(name: Option<&str>, addresses: &[&str]) -> NodeInfo {
+        NodeInfo {
+            name: name.map(str::to_owned),
+            addresses: addresses
+                .iter()
+                .map(|a| a.parse().expect("test address"))
+                .collect(),
+        }
+    }
+
+    fn run_on(services: &[Service], slices: &[EndpointSlice], node: &NodeInfo) -> Translation {
+        for s in services {
+            validate_service(s).expect("test Service is valid");
+        }
+        for s in slices {
+            validate_slice(s).expect("test EndpointSlice is valid");
+        }
+        translate_with_conflicts(services.iter(), slices.iter(), node)
+    }
+
+    #[test]
+    fn local_endpoints_are_this_nodes_by_node_name() {
+        let web = id("shop", "web", "", Protocol::Tcp);
+        let on = |n: Option<&str>| {
+            run_on(&[svc(WEB)], &[slice(NODES_SLICE)], &node(n, &[]))
+                .state
+                .services[&web]
+                .clone()
+        };
+        let st = on(Some("n1"));
+        assert_eq!(
+            addrs(&st.endpoints),
+            vec!["198.18.1.1", "198.18.1.2", "198.18.1.5"]
+        );
+        assert_eq!(addrs(&st.local_endpoints), vec!["198.18.1.1"]);
+        assert_eq!(addrs(&st.draining), vec!["198.18.1.3", "198.18.1.4"]);
+        // An endpoint without nodeName is nobody's.
+        assert_eq!(addrs(&on(Some("n3")).local_endpoints), Vec::<String>::new());
+        // No node name: every endpoint is local.
+        let st = on(None);
+        assert_eq!(st.local_endpoints, st.endpoints);
+
+        // The local rule is applied to the local endpoints alone: n1's only ready pod
+        // going away leaves n1 its serving-terminating pod although n2 still has a ready
+        // one (kube-proxy's CategorizeEndpoints).
+        let n1_down = NODES_SLICE.replace(
+            "{addresses: [198.18.1.1], nodeName: n1}",
+            "{addresses: [198.18.1.1], nodeName: n1, conditions: {ready: false}}",
+        );
+        let st = run_on(&[svc(WEB)], &[slice(&n1_down)], &node(Some("n1"), &[]))
+            .state
+            .services[&web]
+            .clone();
+        assert_eq!(addrs(&st.endpoints), vec!["198.18.1.2", "198.18.1.5"]);
+        assert_eq!(addrs(&st.local_endpoints), vec!["198.18.1.3"]);
+        // Draining is everything not in `endpoints`: the local fallback is in it too
+        // (its backend must exist; the reconciler keeps it out of the cluster table).
+        assert_eq!(
+            addrs(&st.draining),
+            vec!["198.18.1.1", "198.18.1.3", "198.18.1.4"]
+        );
+    }
+
+    #[test]
+    fn a_pod_listed_by_two_slices_is_one_endpoint_with_its_best_conditions() {
+        // The controller moves a pod between slices: for a moment the old slice lists it
+        // as not ready (terminating copy) while the new one lists it ready.
+        let old = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-old, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: "", port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [198.18.1.7], conditions: {ready: false, serving: false, terminating: true}}
+- {addresses: [198.18.1.8], nodeName: n2, targetRef: {kind: Pod, name: web-8}}
+"#;
+        let new = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-new, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: "", port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [198.18.1.7], nodeName: n1, targetRef: {kind: Pod, name: web-7}}
+- {addresses: [198.18.1.8], nodeName: n1}
+"#;
+        let web = id("shop", "web", "", Protocol::Tcp);
+        for order in [[old, new], [new, old]] {
+            let slices = [slice(order[0]), slice(order[1])];
+            let st = run_on(&[svc(WEB)], &slices, &node(Some("n1"), &[]))
+                .state
+                .services[&web]
+                .clone();
+            assert_eq!(
+                st.endpoints,
+                vec![
+                    ep("198.18.1.7", 8080, Some("shop/web-7")),
+                    ep("198.18.1.8", 8080, Some("shop/web-8")),
+                ],
+                "{order:?}"
+            );
+            // Never both taking new flows and draining.
+            assert!(st.draining.is_empty(), "{:?}", st.draining);
+            // Local if either copy says so.
+            assert_eq!(st.local_endpoints, st.endpoints);
+        }
+    }
+
+    const NP: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: edge}
+spec:
+  type: NodePort
+  clusterIP: 198.18.100.50
+  clusterIPs: [198.18.100.50]
+  ports:
+  - {name: http, port: 80, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, nodePort: 30053}
+"#;
+
+    fn kinds(st: &ServicePortState) -> Vec<(String, u16, FrontendKind)> {
+        st.frontends
+            .iter()
+            .map(|f| (f.addr.to_string(), f.port, f.kind))
+            .collect()
+    }
+
+    #[test]
+    fn node_ports_listen_on_the_node_addresses_of_the_service_families() {
+        let n = node(Some("n1"), &["198.18.0.1", "198.18.0.2", "2001:db8::1"]);
+        let t = run_on(&[svc(NP)], &[], &n);
+        let http = &t.state.services[&id("edge", "np", "http", Protocol::Tcp)];
+        // No ipFamilies: the clusterIPs' family (IPv4) only.
+        assert_eq!(
+            kinds(http),
+            vec![
+                ("198.18.0.1".into(), 30080, FrontendKind::NodePort),
+                ("198.18.0.2".into(), 30080, FrontendKind::NodePort),
+                ("198.18.100.50".into(), 80, FrontendKind::ClusterIp),
+            ]
+        );
+        let dns = &t.state.services[&id("edge", "np", "dns", Protocol::Udp)];
+        assert!(dns
+            .frontends
+            .iter()
+            .any(|f| f.kind == FrontendKind::NodePort
+                && f.port == 30053
+                && f.protocol == Protocol::Udp));
+
+        // Dual stack: both families' node addresses.
+        let ds = NP.replace(
+            "clusterIPs: [198.18.100.50]",
+            "clusterIPs: [198.18.100.50, \"2001:db8::50\"]\n  ipFamilies: [IPv4, IPv6]",
+        );
+        let t = run_on(&[svc(&ds)], &[], &n);
+        let np: Vec<_> = kinds(&t.state.services[&id("edge", "np", "http", Protocol::Tcp)])
+            .into_iter()
+            .filter(|k| k.2 == FrontendKind::NodePort)
+            .map(|k| k.0)
+            .collect();
+        assert_eq!(np, vec!["198.18.0.1", "198.18.0.2", "2001:db8::1"]);
+
+        // ipFamilies wins over the clusterIPs (it is what the API allocated from).
+        let v6 = NP.replace(
+            "clusterIPs: [198.18.100.50]",
+            "clusterIPs: [198.18.100.50]\n  ipFamilies: [IPv6]",
+        );
+        let t = run_on(&[svc(&v6)], &[], &n);
+        let np: Vec<_> = kinds(&t.state.services[&id("edge", "np", "http", Protocol::Tcp)])
+            .into_iter()
+            .filter(|k| k.2 == FrontendKind::NodePort)
+            .map(|k| k.0)
+            .collect();
+        assert_eq!(np, vec!["2001:db8::1"]);
+
+        // A ClusterIP service has no NodePorts even if the manifest names one.
+        let cip = NP.replace("type: NodePort", "type: ClusterIP");
+        let t = run_on(&[svc(&cip)], &[], &n);
+        assert!(t.state.services.values().all(|st| st
+            .frontends
+            .iter()
+            .all(|f| f.kind != FrontendKind::NodePort)));
+        // No node address known: no NodePort frontends.
+        let t = run_on(&[svc(NP)], &[], &node(Some("n1"), &[]));
+        assert_eq!(
+            t.state.services[&id("edge", "np", "http", Protocol::Tcp)]
+                .frontends
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn load_balancer_gets_ingress_ips_external_ips_and_node_ports() {
+        let n = node(None, &["198.18.0.1"]);
+        let t = run_on(&[svc(LB)], &[], &n);
+        let st = &t.state.services[&id("edge", "front", "https", Protocol::Tcp)];
+        assert_eq!(
+            kinds(st),
+            vec![
+                ("198.18.0.1".into(), 31443, FrontendKind::NodePort),
+                ("198.18.100.30".into(), 443, FrontendKind::ClusterIp),
+                ("198.18.200.1".into(), 443, FrontendKind::LoadBalancer),
+                ("198.18.200.2".into(), 443, FrontendKind::LoadBalancer),
+                ("198.18.200.9".into(), 443, FrontendKind::ExternalIp),
+            ]
+        );
+        // allocateLoadBalancerNodePorts: false leaves the ports without nodePort.
+        let no_np = LB.replace(", nodePort: 31443", "");
+        let t = run_on(&[svc(&no_np)], &[], &n);
+        let st = &t.state.services[&id("edge", "front", "https", Protocol::Tcp)];
+        assert!(st
+            .frontends
+            .iter()
+            .all(|f| f.kind != FrontendKind::NodePort));
+    }
+
+    #[test]
+    fn two_services_on_one_node_port_and_a_node_port_on_an_external_ip() {
+        // The API server would never allocate one nodePort twice, but files can say so.
+        let older = NP.replace(
+            "metadata: {name: np, namespace: edge}",
+            "metadata: {name: np, namespace: edge, creationTimestamp: \"2026-01-01T00:00:00Z\"}",
+        );
+        let newer = NP
+            .replace(
+                "metadata: {name: np, namespace: edge}",
+                "metadata: {name: another, namespace: edge, creationTimestamp: \"2026-02-01T00:00:00Z\"}",
+            )
+            .replace("198.18.100.50", "198.18.100.51");
+        let n = node(Some("n1"), &["198.18.0.1"]);
+        let t = run_on(&[svc(&older), svc(&newer)], &[], &n);
+        let np = id("edge", "np", "http", Protocol::Tcp);
+        let another = id("edge", "another", "http", Protocol::Tcp);
+        assert!(kinds(&t.state.services[&np]).contains(&(
+            "198.18.0.1".into(),
+            30080,
+            FrontendKind::NodePort
+        )));
+        assert_eq!(
+            kinds(&t.state.services[&another]),
+            vec![("198.18.100.51".into(), 80, FrontendKind::ClusterIp)]
+        );
+        let lost: Vec<_> = t
+            .conflicts
+            .iter()
+            .map(|c| {
+                (
+                    c.addr.to_string(),
+                    c.port,
+                    c.kept.name.as_str(),
+                    c.dropped.name.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            lost,
+            vec![
+                ("198.18.0.1".into(), 30053, "np", "another"),
+                ("198.18.0.1".into(), 30080, "np", "another"),
+            ]
+        );
+
+        // An externalIP that is the node's address, on the port another service uses as
+        // its nodePort: one SERVICES entry, the older service keeps it.
+        let ext = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: edge, creationTimestamp: "2025-06-01T00:00:00Z"}
+spec:
+  clusterIP: 198.18.100.52
+  externalIPs: [198.18.0.1]
+  ports: [{port: 30080}]
+"#;
+        let t = run_on(&[svc(&older), svc(ext)], &[], &n);
+        let ext_id = id("edge", "ext", "", Protocol::Tcp);
+        assert!(kinds(&t.state.services[&ext_id]).contains(&(
+            "198.18.0.1".into(),
+            30080,
+            FrontendKind::ExternalIp
+        )));
+        assert!(!kinds(&t.state.services[&np])
+            .iter()
+            .any(|k| k.0 == "198.18.0.1" && k.1 == 30080));
+        assert_eq!(t.conflicts.len(), 1, "{:?}", t.conflicts);
+    }
+
+    #[test]
+    fn session_affinity_client_ip_and_its_timeout() {
+        let st = |yaml: &str| {
+            run_on(&[svc(yaml)], &[], &NodeInfo::default())
+                .state
+                .services[&id("shop", "web", "", Protocol::Tcp)]
+                .clone()
+        };
+        assert_eq!(st(WEB).affinity_timeout_s, None);
+        let none = WEB.replace(
+            "type: ClusterIP",
+            "type: ClusterIP\n  sessionAffinity: None",
+        );
+        assert_eq!(st(&none).affinity_timeout_s, None);
+        let client = WEB.replace(
+            "type: ClusterIP",
+            "type: ClusterIP\n  sessionAffinity: ClientIP",
+        );
+        assert_eq!(st(&client).affinity_timeout_s, Some(10_800));
+        let with = |t: &str| {
+            client.replace(
+                "sessionAffinity: ClientIP",
+                &format!(
+                    "sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}"
+                ),
+            )
+        };
+        assert_eq!(st(&with("60")).affinity_timeout_s, Some(60));
+        assert_eq!(st(&with("86400")).affinity_timeout_s, Some(86_400));
+        for bad in ["0", "86401", "-5"] {
+            let err = validate_service(&svc(&with(bad))).expect_err(bad);
+            assert_eq!(
+                err.field(),
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                "{err}"
+            );
+            assert!(err.to_string().starts_with("Service shop/web: "), "{err}");
+        }
+        let err = validate_service(&svc(&client.replace("ClientIP", "Cookie"))).unwrap_err();
+        assert_eq!(err.field(), "spec.sessionAffinity");
+    }
+
+    #[test]
+    fn traffic_policies_local() {
+        let get = |yaml: &str| {
+            let s = svc(yaml);
+            validate_service(&s).expect("valid");
+            let t = translate_with_conflicts([&s].into_iter(), [].iter(), &NodeInfo::default());
+            let st = t.state.services.into_values().next().expect("one port");
+            (
+                st.external_local,
+                st.internal_local,
+                st.health_check_node_port,
+            )
+        };
+        let lb_local = LB.replace(
+            "type: LoadBalancer",
+            "type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001",
+        );
+        assert_eq!(get(&lb_local), (true, false, Some(32001)));
+        assert_eq!(
+            get(&lb_local.replace("Local", "Cluster")),
+            (false, false, None)
+        );
+        // NodePort + Local: local, but health checks are for load balancers only.
+        let np_local = lb_local.replace("type: LoadBalancer", "type: NodePort");
+        assert_eq!(get(&np_local), (true, false, None));
+        // ClusterIP with externalIPs is externally accessible; without, eTP means nothing.
+        let cip_local = np_local.replace("type: NodePort", "type: ClusterIP");
+        assert_eq!(get(&cip_local), (true, false, None));
+        let cip_only = cip_local.replace("  externalIPs: [198.18.200.9]\n", "");
+        assert_eq!(get(&cip_only), (false, false, None));
+        let itp = WEB.replace(
+            "type: ClusterIP",
+            "type: ClusterIP\n  internalTrafficPolicy: Local",
+        );
+        assert_eq!(get(&itp), (false, true, None));
+
+        for (field, yaml) in [
+            (
+                "spec.externalTrafficPolicy",
+                lb_local.replace(": Local", ": Global"),
+            ),
+            (
+                "spec.internalTrafficPolicy",
+                itp.replace(": Local", ": Node"),
+            ),
+        ] {
+            let err = validate_service(&svc(&yaml)).expect_err(field);
+            assert_eq!(err.field(), field, "{err}");
+        }
+        let err = validate_service(&svc(&lb_local.replace("32001", "70000"))).unwrap_err();
+        assert_eq!(err.field(), "spec.healthCheckNodePort");
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_from_the_field_or_the_annotation() {
+        let ranges = |yaml: &str| -> Vec<String> {
+            let s = svc(yaml);
+            validate_service(&s).expect("valid");
+            let t = translate_with_conflicts([&s].into_iter(), [].iter(), &NodeInfo::default());
+            let st = t.state.services.into_values().next().expect("one port");
+            st.source_ranges.iter().map(|p| p.to_string()).collect()
+        };
+        assert!(ranges(LB).is_empty());
+        let field = LB.replace(
+            "type: LoadBalancer",
+            "type: LoadBalancer\n  loadBalancerSourceRanges: [\" 198.18.7.9/24 \", \"2001:db8:7::1/48\", 198.18.0.0/16, 198.18.7.0/24]",
+        );
+        // Host bits zeroed, whitespace trimmed, sorted, duplicates removed.
+        assert_eq!(
+            ranges(&field),
+            vec!["198.18.0.0/16", "198.18.7.0/24", "2001:db8:7::/48"]
+        );
+        let annotated = LB.replace(
+            "metadata: {name: front, namespace: edge}",
+            "metadata:\n  name: front\n  namespace: edge\n  annotations:\n    service.beta.kubernetes.io/load-balancer-source-ranges: \" 198.18.9.0/24, 198.19.0.0/16 \"",
+        );
+        assert_eq!(ranges(&annotated), vec!["198.18.9.0/24", "198.19.0.0/16"]);
+        // The field, when given, wins over the annotation (as kube-proxy).
+        let both = annotated.replace(
+            "type: LoadBalancer",
+            "type: LoadBalancer\n  loadBalancerSourceRanges: [198.18.5.0/24]",
+        );
+        assert_eq!(ranges(&both), vec!["198.18.5.0/24"]);
+        // Only load balancers are restricted.
+        assert!(ranges(&field.replace("type: LoadBalancer", "type: NodePort")).is_empty());
+
+        let bad = LB.replace(
+            "type: LoadBalancer",
+            "type: LoadBalancer\n  loadBalancerSourceRanges: [198.18.0.0/16, 198.18.1.0/24, 198.18.2.1]",
+        );
+        let err = validate_service(&svc(&bad)).unwrap_err();
+        assert_eq!(err.field(), "spec.loadBalancerSourceRanges[2]");
+        assert_eq!(
+            err.to_string(),
+            "Service edge/front: spec.loadBalancerSourceRanges[2]: \"198.18.2.1\" is not an \
+             address range (a.b.c.d/n or x::y/n)"
+        );
+        let bad = annotated.replace("198.19.0.0/16", "198.19.0.0/33");
+        let err = validate_service(&svc(&bad)).unwrap_err();
+        assert_eq!(
+            err.field(),
+            "metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges][1]"
+        );
+    }
+
+    #[test]
+    fn prefixes_parse_like_go_parse_cidr() {
+        let p = |s: &str| parse_prefix(s).map(|p| p.to_string());
+        assert_eq!(p("198.18.7.9/24").as_deref(), Some("198.18.7.0/24"));
+        assert_eq!(p("198.18.7.9/32").as_deref(), Some("198.18.7.9/32"));
+        assert_eq!(p("198.18.7.9/0").as_deref(), Some("0.0.0.0/0"));
+        assert_eq!(p("2001:db8::ff/120").as_deref(), Some("2001:db8::/120"));
+        assert_eq!(p("::/0").as_deref(), Some("::/0"));
+        assert_eq!(p(" 2001:db8::1/128\t").as_deref(), Some("2001:db8::1/128"));
+        for bad in [
+            "198.18.7.9",
+            "198.18.7.9/33",
+            "2001:db8::/129",
+            "198.18.7.9/",
+            "/24",
+            "198.18.7.9/+8",
+            "198.18.7.9/ 8",
+            "x/8",
+            "",
+            "198.18.7.9/999999999999",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn new_service_fields_are_validated_with_their_path() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "targetPort: 8080",
+                "targetPort: 8080\n    nodePort: 0",
+                "spec.ports[0].nodePort",
+            ),
+            (
+                "targetPort: 8080",
+                "targetPort: 8080\n    nodePort: 65536",
+                "spec.ports[0].nodePort",
+            ),
+            (
+                "clusterIPs: [198.18.100.10]",
+                "clusterIPs: [198.18.100.10]\n  ipFamilies: [IPv4, IPv5]",
+                "spec.ipFamilies[1]",
+            ),
+        ];
+        for (from, to, field) in cases {
+            assert!(WEB.contains(from), "{from}");
+            let err = validate_service(&svc(&WEB.replacen(from, to, 1))).expect_err(to);
+            assert_eq!(err.field(), *field, "{err}");
+        }
+    }
+
+    #[test]
+    fn node_info_from_node_objects_and_settings() {
+        let n = |yaml: &str| -> Node { serde_yaml::from_str(yaml).expect("test Node parses") };
+        let n1 = n(r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status:
+  addresses:
+  - {type: InternalIP, address: 198.18.0.1}
+  - {type: ExternalIP, address: "2001:db8::1"}
+  - {type: Hostname, address: n1.example.com}
+  - {type: InternalDNS, address: n1.cluster.local}
+"#);
+        let n2 = n(r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+status:
+  addresses: [{type: InternalIP, address: 198.18.0.2}]
+"#);
+        validate_node(&n1).expect("valid");
+        let extra: IpAddr = "198.18.0.9".parse().expect("address");
+        let settings = |name: Option<&str>| NodeSettings {
+            name: name.map(str::to_owned),
+            extra_addresses: vec![extra, "198.18.0.1".parse().expect("address")],
+        };
+        let got = NodeInfo::resolve(&settings(Some("n1")), [&n1, &n2].into_iter());
+        assert_eq!(got.name.as_deref(), Some("n1"));
+        let shown: Vec<String> = got.addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(shown, vec!["198.18.0.1", "198.18.0.9", "2001:db8::1"]);
+        // No name: every node's addresses.
+        let got = NodeInfo::resolve(&settings(None), [&n1, &n2].into_iter());
+        assert_eq!(got.addresses.len(), 4);
+        // Named but no Node object (yet): only the extra ones.
+        let got = NodeInfo::resolve(&settings(Some("n3")), [&n1, &n2].into_iter());
+        let shown: Vec<String> = got.addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(shown, vec!["198.18.0.1", "198.18.0.9"]);
+
+        let bad = n(r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status:
+  addresses:
+  - {type: Hostname, address: not-an-ip-but-fine}
+  - {type: ExternalIP, address: 198.18.0.300}
+"#);
+        let err = validate_node(&bad).unwrap_err();
+        assert_eq!(err.field(), "status.addresses[1].address");
+        assert_eq!(
+            err.to_string(),
+            "Node n1: status.addresses[1].address: \"198.18.0.300\" is not an IP address"
+        );
     }
 
     #[test]
@@ -1499,7 +2603,11 @@ spec:
             .replace("port: 80", "port: 99999")
             .replace("clusterIP: 198.18.100.10", "clusterIP: nonsense"));
         let bad_slice = slice(&WEB_SLICE.replace("[198.18.1.2]", "[x]"));
-        let state = translate([&bad].into_iter(), [&bad_slice].into_iter());
+        let state = translate(
+            [&bad].into_iter(),
+            [&bad_slice].into_iter(),
+            &NodeInfo::default(),
+        );
         assert!(state.services.is_empty());
     }
 }

@@ -321,8 +321,36 @@ impl Agent {
             .args(["--pod-iface", &topo.pod_iface_glob()])
             .arg("--pin-dir")
             .arg(pin_dir)
-            .args(extra)
-            .stdin(Stdio::null())
+            .args(extra);
+        Self::launch(cmd, pin_dir)
+    }
+
+    /// Starts `lb-agent` in Kubernetes mode in the node namespace (`--kubeconfig`,
+    /// `--node-name`; the API server must be reachable from the node namespace, e.g. the
+    /// tests' fake one listening there), on the topology's edge interface and pod glob,
+    /// and waits for its ready line (which comes after the first full sync).
+    pub fn start_kube(
+        topo: &Topology,
+        kubeconfig: &Path,
+        node_name: &str,
+        pin_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let agent = bin_dir()?.join("lb-agent");
+        let mut cmd = netns::in_ns_with_host_bpffs(&topo.node, &agent.to_string_lossy());
+        cmd.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--node-name", node_name])
+            .args(["--edge-iface", &topo.edge_iface])
+            .args(["--pod-iface", &topo.pod_iface_glob()])
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(extra);
+        Self::launch(cmd, pin_dir)
+    }
+
+    fn launch(mut cmd: Command, pin_dir: &Path) -> Result<Self> {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("starting lb-agent")?;
@@ -389,6 +417,30 @@ impl Agent {
                 bail!(
                     "lb-agent not ready after {AGENT_READY_TIMEOUT:?}; its output:\n{}",
                     self.log_text()
+                );
+            }
+            l = cv
+                .wait_timeout(l, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// Waits until the agent has printed a line containing `needle`; returns that line.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.log;
+        let mut l = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(line) = l.text.lines().find(|line| line.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            let now = Instant::now();
+            if now >= deadline || l.open_streams == 0 {
+                let text = l.text.clone();
+                drop(l);
+                bail!(
+                    "lb-agent printed no line with {needle:?} within {timeout:?}; output:\n{text}"
                 );
             }
             l = cv

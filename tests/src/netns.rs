@@ -43,6 +43,8 @@ pub const POD_GW_V6: &str = "fe80::1";
 pub const POD_HTTP_PORT: u16 = 8080;
 pub const POD_TCP_ECHO_PORT: u16 = 7000;
 pub const POD_UDP_ECHO_PORT: u16 = 9000;
+/// A TCP server that answers each connection with `<pod name> <client address>` (IPv4).
+pub const POD_PEER_ECHO_PORT: u16 = 7100;
 
 /// How long a server may take to listen.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -474,6 +476,21 @@ impl Topology {
         self.spawn(&pod.ns, &["socat", &listen, &answer], &log)?;
         wait_for_port(&pod.ns, POD_TCP_ECHO_PORT, false, SERVER_START_TIMEOUT)
             .with_context(|| format!("TCP echo in {}", pod.name))
+    }
+
+    /// A TCP server on port 7100 (IPv4) that answers each connection with one line,
+    /// `<pod name> <address of the connecting client>`, and closes it: shows whether the
+    /// client's source address reached the pod unchanged.
+    pub fn start_peer_echo(&mut self, n: u8) -> Result<()> {
+        let pod = self.pod(n)?.clone();
+        let listen = format!("TCP4-LISTEN:{POD_PEER_ECHO_PORT},reuseaddr,fork");
+        // socat puts the peer's address in SOCAT_PEERADDR for the forked command; no
+        // quotes in the command: socat versions differ in how they parse them.
+        let answer = format!("SYSTEM:echo {} $SOCAT_PEERADDR", pod.name);
+        let log = self.dir.join(format!("peer-echo-{}.log", pod.name));
+        self.spawn(&pod.ns, &["socat", &listen, &answer], &log)?;
+        wait_for_port(&pod.ns, POD_PEER_ECHO_PORT, false, SERVER_START_TIMEOUT)
+            .with_context(|| format!("peer echo in {}", pod.name))
     }
 
     /// A UDP server on port 9000 (IPv4 and IPv6) that answers every datagram with the

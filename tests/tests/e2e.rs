@@ -920,3 +920,67 @@ fn bad_flags_fail_clearly_and_leave_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// A pin directory left by an incompatible version (here: a SERVICES map whose values are
+/// smaller than this version's) is refused with an error naming the map and what to do,
+/// instead of being shared with programs that would read past its values.
+#[test]
+fn incompatible_pinned_map_is_refused_clearly() -> Result<()> {
+    let dir = e2e::bin_dir()?;
+    e2e::ensure_bpffs()?;
+    let pin = PathBuf::from(format!("/sys/fs/bpf/xdplb-oldpin-{}", std::process::id()));
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    std::fs::create_dir_all(&pin)?;
+    let _cleanup = Cleanup(pin.clone());
+    let services = pin.join("SERVICES");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&services)
+        .args([
+            "type", "hash", "key", "20", "value", "16", "entries", "65536", "name", "SERVICES",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/services.yaml");
+    // No interface matches the pattern: even if the check were missing, nothing would be
+    // attached anywhere.
+    let mut child = Command::new(dir.join("lb-agent"))
+        .arg("--services")
+        .arg(&example)
+        .args(["--pod-iface", "xdplb-nomatch*", "--pin-dir"])
+        .arg(&pin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        status.and_then(|s| s.code()) == Some(1)
+            && stderr.contains("incompatible")
+            && stderr.contains("SERVICES")
+            && stderr.contains(&*pin.to_string_lossy()),
+        "lb-agent with an old SERVICES pin: {status:?}, stderr:\n{stderr}"
+    );
+    Ok(())
+}

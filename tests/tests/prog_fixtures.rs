@@ -8,15 +8,16 @@
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{lpm_trie, Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::Xdp,
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
 };
 use lb_common::{
-    v4_mapped, Backend, Counters, FlowKey, IfaceInfo, NatEntry, ServiceKey, ServiceValue, VipInfo,
-    ALL_MAPS, BACKEND_F_ACTIVE, IFACE_F_VETH, IFACE_ROLE_POD, MAP_BACKENDS, MAP_CT, MAP_IFACES,
-    MAP_MAGLEV, MAP_REASONS, MAP_RNAT, MAP_SERVICES, MAP_SVC_STATS, MAP_VIPS, NAT_F_SNAT,
-    NUM_REASONS, PROG_EDGE, PROG_POD, PROTO_TCP, PROTO_UDP, REASON_NAMES,
+    v4_mapped, AffinityKey, AffinityValue, Backend, Counters, FlowKey, IfaceInfo, NatEntry,
+    ServiceKey, ServiceValue, SrcRangeData, VipInfo, ALL_MAPS, BACKEND_F_ACTIVE, IFACE_F_VETH,
+    IFACE_ROLE_POD, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_IFACES, MAP_MAGLEV, MAP_REASONS,
+    MAP_RNAT, MAP_SERVICES, MAP_SRC_RANGES, MAP_SVC_STATS, MAP_VIPS, NAT_F_SNAT, NUM_REASONS,
+    PROG_EDGE, PROG_POD, PROTO_TCP, PROTO_UDP, REASON_NAMES,
 };
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -253,7 +254,7 @@ impl Fixture {
         Ok(())
     }
 
-    /// A service port `svc_id` at vip:port with the given backends (ids from `first_id`),
+    /// A service port `svc_id` at vip:port with the given backends (ids svc_id * 100 + i),
     /// Maglev table of size 7 at offset svc_id * 16. No backends: maglev_size 0.
     fn service(
         &mut self,
@@ -262,6 +263,21 @@ impl Fixture {
         port: u16,
         proto: u8,
         backends: &[(IpAddr, u16)],
+    ) -> anyhow::Result<Vec<u32>> {
+        self.service_with(svc_id, vip, port, proto, backends, 0, 0)
+    }
+
+    /// `service` with `SVC_F_*` flags and an affinity timeout.
+    #[allow(clippy::too_many_arguments)]
+    fn service_with(
+        &mut self,
+        svc_id: u32,
+        vip: IpAddr,
+        port: u16,
+        proto: u8,
+        backends: &[(IpAddr, u16)],
+        flags: u32,
+        affinity_timeout_s: u32,
     ) -> anyhow::Result<Vec<u32>> {
         let mut ids = Vec::new();
         for (i, (a, p)) in backends.iter().enumerate() {
@@ -282,7 +298,9 @@ impl Fixture {
                 svc_id,
                 maglev_offset: offset,
                 maglev_size: size,
-                flags: 0,
+                flags,
+                affinity_timeout_s,
+                _pad: 0,
             },
         )?;
         Ok(ids)
@@ -826,7 +844,7 @@ fn inconsistent_maps_drop_instead_of_nat() -> anyhow::Result<()> {
             svc_id: 40,
             maglev_offset: 40 * 16,
             maglev_size: 7,
-            flags: 0,
+            ..Default::default()
         },
     )?;
     fx.set_maglev(40 * 16, 7, &[lb_common::BACKEND_NONE])?;
@@ -1699,4 +1717,616 @@ fn redirect_only_when_safe() -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// kube-proxy semantics: loadBalancerSourceRanges, traffic policy Local, ClientIP affinity
+// ---------------------------------------------------------------------------------------
+
+impl Fixture {
+    /// Adds `addr/bits` to the source ranges of service port `svc_id`, in the agent's key
+    /// form: `32 + bits` for IPv6, `32 + 96 + bits` for IPv4 (IPv4-mapped).
+    fn add_src_range(&mut self, svc_id: u32, addr: IpAddr, bits: u32) -> anyhow::Result<()> {
+        let mut m: LpmTrie<&mut MapData, SrcRangeData, u32> =
+            LpmTrie::try_from(self.map_mut(MAP_SRC_RANGES)?)?;
+        m.insert(&src_range_key(svc_id, addr, bits), 1, 0)
+            .context("writing SRC_RANGES")?;
+        Ok(())
+    }
+
+    fn remove_src_range(&mut self, svc_id: u32, addr: IpAddr, bits: u32) -> anyhow::Result<()> {
+        let mut m: LpmTrie<&mut MapData, SrcRangeData, u32> =
+            LpmTrie::try_from(self.map_mut(MAP_SRC_RANGES)?)?;
+        m.remove(&src_range_key(svc_id, addr, bits))
+            .context("removing from SRC_RANGES")?;
+        Ok(())
+    }
+
+    fn affinity(&mut self, key: &AffinityKey) -> anyhow::Result<Option<AffinityValue>> {
+        let m: HashMap<&MapData, AffinityKey, AffinityValue> =
+            HashMap::try_from(self.map(MAP_AFFINITY)?)?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set_affinity(
+        &mut self,
+        key: AffinityKey,
+        backend_id: u32,
+        last_ns: u64,
+    ) -> anyhow::Result<()> {
+        let mut m: HashMap<&mut MapData, AffinityKey, AffinityValue> =
+            HashMap::try_from(self.map_mut(MAP_AFFINITY)?)?;
+        m.insert(
+            key,
+            AffinityValue {
+                backend_id,
+                _pad: 0,
+                last_ns,
+            },
+            0,
+        )
+        .context("writing AFFINITY")?;
+        Ok(())
+    }
+
+    /// One forward packet client:sport -> vip:VIP_PORT that must be DNATed; returns the
+    /// backend it went to.
+    fn forward_from(
+        &mut self,
+        net: Net,
+        vip: IpAddr,
+        proto: u8,
+        sport: u16,
+    ) -> anyhow::Result<IpAddr> {
+        let frame = build(proto, net.client, vip, sport, VIP_PORT)?;
+        let d = decode(&self.run_expect(&frame, XDP_PASS, lb_common::R_FWD_PASS)?)?;
+        ensure!(
+            d.src == net.client && d.sport == sport,
+            "source changed: {}:{}",
+            d.src,
+            d.sport
+        );
+        ensure!(d.dport == BE_PORT, "destination port {}", d.dport);
+        assert_checksums(&d)?;
+        assert_payload(&d, proto)?;
+        Ok(d.dst)
+    }
+}
+
+fn src_range_key(svc_id: u32, addr: IpAddr, bits: u32) -> lpm_trie::Key<SrcRangeData> {
+    let prefix_len = match addr {
+        IpAddr::V4(_) => 32 + 96 + bits,
+        IpAddr::V6(_) => 32 + bits,
+    };
+    lpm_trie::Key::new(
+        prefix_len,
+        SrcRangeData {
+            svc_id_be: svc_id.to_be(),
+            addr: key_addr(addr),
+        },
+    )
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
+fn monotonic_ns() -> anyhow::Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ensure!(
+        rc == 0,
+        "clock_gettime: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// Runs `frame`, which must be dropped with `reason` and left as it was.
+fn expect_dropped_untouched(fx: &mut Fixture, frame: &[u8], reason: u32) -> anyhow::Result<()> {
+    let out = fx.run_expect(frame, XDP_DROP, reason)?;
+    ensure!(out == frame, "dropped packet was modified");
+    Ok(())
+}
+
+#[test]
+fn source_ranges_allow_inside_and_drop_outside() -> anyhow::Result<()> {
+    use lb_common::{R_DROP_SOURCE_RANGE, R_RNAT_PASS, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES};
+    let v4_range = (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 0)), 24);
+    let v4_outside = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1));
+    let v6_range = (
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0)),
+        64,
+    );
+    let v6_outside = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1));
+    for (net, (range, bits), outside) in [(V4, v4_range, v4_outside), (V6, v6_range, v6_outside)] {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let ctxt = format!("source ranges {} {}", proto_name(proto), net.client);
+            let mut fx = Fixture::new("srcrange")?;
+            let flags = SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES;
+            fx.service_with(
+                20,
+                net.vip,
+                VIP_PORT,
+                proto,
+                &[(net.be1, BE_PORT)],
+                flags,
+                0,
+            )?;
+            fx.add_src_range(20, range, bits)?;
+            // Another service port's range covering `outside` must not open this one.
+            fx.add_src_range(21, outside, if outside.is_ipv4() { 32 } else { 128 })?;
+            // The same VIP on a port without source ranges (another service port).
+            fx.service(22, net.vip, 443, proto, &[(net.be2, BE_PORT)])?;
+            // And one without endpoints: an outside client must not even get a refusal.
+            fx.service_with(23, net.vip, 8443, proto, &[], flags, 0)?;
+            fx.add_src_range(23, range, bits)?;
+
+            // Inside the range: load-balanced as usual.
+            let be = fx
+                .forward_from(net, net.vip, proto, CLIENT_PORT)
+                .context(ctxt.clone())?;
+            ensure!(be == net.be1, "{ctxt}: went to {be}");
+
+            // Outside (just past the prefix): dropped untouched, no flow recorded.
+            let denied = build(proto, outside, net.vip, CLIENT_PORT, VIP_PORT)?;
+            expect_dropped_untouched(&mut fx, &denied, R_DROP_SOURCE_RANGE)
+                .context(ctxt.clone())?;
+            ensure!(
+                fx.ct(&flow(outside, net.vip, CLIENT_PORT, VIP_PORT, proto))?
+                    .is_none(),
+                "{ctxt}: a dropped packet created a flow"
+            );
+            let st = fx.svc_stats(20)?;
+            ensure!(
+                st.fwd_packets == 1 && st.new_flows == 1,
+                "{ctxt}: the dropped packet was counted as traffic: {st:?}"
+            );
+            // The port without ranges takes the same client.
+            let d = decode(&fx.run_expect(
+                &build(proto, outside, net.vip, CLIENT_PORT, 443)?,
+                XDP_PASS,
+                lb_common::R_FWD_PASS,
+            )?)?;
+            ensure!(d.dst == net.be2, "{ctxt}: port 443 went to {}", d.dst);
+            // No endpoints: the range check comes first.
+            let syn = build(proto, outside, net.vip, CLIENT_PORT, 8443)?;
+            expect_dropped_untouched(&mut fx, &syn, R_DROP_SOURCE_RANGE).context(ctxt.clone())?;
+
+            // Removing the range cuts the established flow on its next packet; the
+            // backend's replies are not filtered (they are not to the frontend).
+            fx.remove_src_range(20, range, bits)?;
+            let again = build(proto, net.client, net.vip, CLIENT_PORT, VIP_PORT)?;
+            expect_dropped_untouched(&mut fx, &again, R_DROP_SOURCE_RANGE).context(ctxt.clone())?;
+            let reply = build(proto, net.be1, net.client, BE_PORT, CLIENT_PORT)?;
+            fx.run_expect(&reply, XDP_PASS, R_RNAT_PASS)
+                .context(ctxt.clone())?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn local_policy_without_local_endpoints_drops_instead_of_refusing() -> anyhow::Result<()> {
+    use lb_common::{
+        R_DROP_NO_LOCAL_ENDPOINTS, R_REJECT_NO_ENDPOINTS, SVC_F_DROP_IF_EMPTY, SVC_F_EXTERNAL,
+        SVC_F_LOCAL,
+    };
+    for net in [V4, V6] {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let ctxt = format!("local {} {}", proto_name(proto), net.client);
+            let mut fx = Fixture::new("noloc")?;
+            let local = SVC_F_EXTERNAL | SVC_F_LOCAL;
+            // Endpoints elsewhere, none here: silently dropped.
+            fx.service_with(
+                24,
+                net.vip,
+                VIP_PORT,
+                proto,
+                &[],
+                local | SVC_F_DROP_IF_EMPTY,
+                0,
+            )?;
+            // No endpoints anywhere: refused as for any service.
+            fx.service_with(25, net.vip, 443, proto, &[], local, 0)?;
+            let first = if proto == PROTO_TCP {
+                packet::tcp(
+                    net.client,
+                    net.vip,
+                    CLIENT_PORT,
+                    VIP_PORT,
+                    TcpKind::Syn,
+                    &[],
+                )?
+            } else {
+                build(proto, net.client, net.vip, CLIENT_PORT, VIP_PORT)?
+            };
+            expect_dropped_untouched(&mut fx, &first, R_DROP_NO_LOCAL_ENDPOINTS)
+                .context(ctxt.clone())?;
+            let to_443 = if proto == PROTO_TCP {
+                packet::tcp(net.client, net.vip, CLIENT_PORT, 443, TcpKind::Syn, &[])?
+            } else {
+                build(proto, net.client, net.vip, CLIENT_PORT, 443)?
+            };
+            let d = decode(&fx.run_expect(&to_443, XDP_TX, R_REJECT_NO_ENDPOINTS)?)?;
+            ensure!(
+                d.dst == net.client && d.src == net.vip,
+                "{ctxt}: refusal {} -> {}",
+                d.src,
+                d.dst
+            );
+            if proto == PROTO_TCP {
+                ensure!(
+                    d.tcp.as_ref().is_some_and(|t| t.rst),
+                    "{ctxt}: no RST: {d:?}"
+                );
+            } else {
+                ensure!(d.icmp.is_some(), "{ctxt}: no ICMP unreachable: {d:?}");
+            }
+
+            // A flow tracked while the node had a local endpoint keeps it (CT first), when
+            // the local table empties and the endpoint is still there (terminating); new
+            // flows are dropped.
+            let mut fx = Fixture::new("noloc2")?;
+            fx.service_with(
+                26,
+                net.vip,
+                VIP_PORT,
+                proto,
+                &[(net.be1, BE_PORT)],
+                local,
+                0,
+            )?;
+            let be = fx
+                .forward_from(net, net.vip, proto, CLIENT_PORT)
+                .context(ctxt.clone())?;
+            // The agent empties the local table; be1 (id 2600) stays in BACKENDS.
+            fx.service_with(
+                26,
+                net.vip,
+                VIP_PORT,
+                proto,
+                &[],
+                local | SVC_F_DROP_IF_EMPTY,
+                0,
+            )?;
+            let again = fx
+                .forward_from(net, net.vip, proto, CLIENT_PORT)
+                .context(ctxt.clone())?;
+            ensure!(again == be, "{ctxt}: tracked flow moved to {again}");
+            let new_flow = build(proto, net.client, net.vip, CLIENT_PORT + 1, VIP_PORT)?;
+            expect_dropped_untouched(&mut fx, &new_flow, R_DROP_NO_LOCAL_ENDPOINTS)
+                .context(ctxt)?;
+        }
+    }
+    Ok(())
+}
+
+const AFFINITY_SVC: u32 = 32;
+
+/// Where Maglev alone sends a flow from each of `ports` to `AFFINITY_SVC`'s table of
+/// {be1, be2} (the table `service_with` builds), found by running the program without
+/// affinity. The affinity tests pick ports from this so that Maglev would split them.
+fn maglev_choices(
+    net: Net,
+    proto: u8,
+    ports: std::ops::Range<u16>,
+) -> anyhow::Result<Vec<(u16, IpAddr)>> {
+    let mut fx = Fixture::new("probe")?;
+    fx.service(
+        AFFINITY_SVC,
+        net.vip,
+        VIP_PORT,
+        proto,
+        &[(net.be1, BE_PORT), (net.be2, BE_PORT)],
+    )?;
+    ports
+        .map(|p| Ok((p, fx.forward_from(net, net.vip, proto, p)?)))
+        .collect()
+}
+
+/// `n` distinct ports Maglev sends to `be`.
+fn ports_to(choices: &[(u16, IpAddr)], be: IpAddr, n: usize) -> anyhow::Result<Vec<u16>> {
+    let ports: Vec<u16> = choices
+        .iter()
+        .filter(|(_, b)| *b == be)
+        .map(|(p, _)| *p)
+        .take(n)
+        .collect();
+    ensure!(
+        ports.len() == n,
+        "Maglev sent fewer than {n} of {} probe flows to {be}",
+        choices.len()
+    );
+    Ok(ports)
+}
+
+fn affinity_key(net: Net, scope: u32) -> AffinityKey {
+    AffinityKey {
+        client: key_addr(net.client),
+        svc_id: AFFINITY_SVC,
+        scope,
+    }
+}
+
+#[test]
+fn affinity_sends_a_clients_new_flows_to_its_backend() -> anyhow::Result<()> {
+    use lb_common::{SVC_F_AFFINITY, SVC_F_CLUSTER_IP};
+    for net in [V4, V6] {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let ctxt = format!("affinity {} {}", proto_name(proto), net.client);
+            let choices = maglev_choices(net, proto, 41_000..41_032)?;
+            let to_be1 = ports_to(&choices, net.be1, 1)?;
+            let to_be2 = ports_to(&choices, net.be2, 2)?;
+            let mut fx = Fixture::new("affinity")?;
+            let ids = fx.service_with(
+                AFFINITY_SVC,
+                net.vip,
+                VIP_PORT,
+                proto,
+                &[(net.be1, BE_PORT), (net.be2, BE_PORT)],
+                SVC_F_CLUSTER_IP | SVC_F_AFFINITY,
+                10_800,
+            )?;
+            // The first flow goes where Maglev says and is remembered.
+            let t0 = monotonic_ns()?;
+            let first = fx
+                .forward_from(net, net.vip, proto, to_be1[0])
+                .context(ctxt.clone())?;
+            let t1 = monotonic_ns()?;
+            ensure!(first == net.be1, "{ctxt}: first flow went to {first}");
+            let a = fx
+                .affinity(&affinity_key(net, 0))?
+                .ok_or_else(|| anyhow!("{ctxt}: no AFFINITY entry"))?;
+            ensure!(
+                a.backend_id == ids[0] && (t0..=t1).contains(&a.last_ns),
+                "{ctxt}: AFFINITY {a:?}, expected backend {} stamped in [{t0}, {t1}]",
+                ids[0]
+            );
+            // Flows Maglev would send to be2 follow the client's backend instead, with
+            // the usual flow state: CT, RNAT, reply.
+            for &port in &to_be2 {
+                let be = fx
+                    .forward_from(net, net.vip, proto, port)
+                    .context(ctxt.clone())?;
+                ensure!(be == net.be1, "{ctxt}: port {port} went to {be}, not be1");
+                let ct = fx
+                    .ct(&flow(net.client, net.vip, port, VIP_PORT, proto))?
+                    .ok_or_else(|| anyhow!("{ctxt}: no CT entry"))?;
+                ensure!(ct.backend_id == ids[0], "{ctxt}: CT {ct:?}");
+                let reply = build(proto, net.be1, net.client, BE_PORT, port)?;
+                let d = decode(&fx.run_expect(&reply, XDP_PASS, lb_common::R_RNAT_PASS)?)?;
+                ensure!(
+                    d.src == net.vip && d.sport == VIP_PORT && d.dport == port,
+                    "{ctxt}: reply {}:{} -> :{}",
+                    d.src,
+                    d.sport,
+                    d.dport
+                );
+            }
+            let a2 = fx
+                .affinity(&affinity_key(net, 0))?
+                .ok_or_else(|| anyhow!("{ctxt}: AFFINITY entry gone"))?;
+            ensure!(
+                a2.backend_id == ids[0] && a2.last_ns > a.last_ns,
+                "{ctxt}: AFFINITY not refreshed by the new flows: {a2:?} after {a:?}"
+            );
+            let st = fx.be_stats(ids[0])?;
+            ensure!(st.new_flows == 3, "{ctxt}: be1 stats {st:?}");
+            ensure!(
+                fx.be_stats(ids[1])? == Counters::default(),
+                "{ctxt}: be2 got traffic"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn affinity_ignores_expired_inactive_and_foreign_entries() -> anyhow::Result<()> {
+    use lb_common::{SVC_F_AFFINITY, SVC_F_CLUSTER_IP};
+    const TIMEOUT_S: u32 = 10;
+    for net in [V4, V6] {
+        let proto = PROTO_TCP;
+        let ctxt = format!("affinity entries {}", net.client);
+        let choices = maglev_choices(net, proto, 42_000..42_032)?;
+        let ports = ports_to(&choices, net.be1, 5)?;
+        let mut fx = Fixture::new("affstale")?;
+        let ids = fx.service_with(
+            AFFINITY_SVC,
+            net.vip,
+            VIP_PORT,
+            proto,
+            &[(net.be1, BE_PORT), (net.be2, BE_PORT)],
+            SVC_F_CLUSTER_IP | SVC_F_AFFINITY,
+            TIMEOUT_S,
+        )?;
+        let key = affinity_key(net, 0);
+        let expect_entry = |fx: &mut Fixture, id: u32, after: u64, what: &str| {
+            let a = fx
+                .affinity(&key)?
+                .ok_or_else(|| anyhow!("{ctxt}: {what}: no AFFINITY entry"))?;
+            ensure!(
+                a.backend_id == id && a.last_ns >= after,
+                "{ctxt}: {what}: AFFINITY {a:?}, expected backend {id} stamped after {after}"
+            );
+            anyhow::Ok(())
+        };
+
+        // A fresh entry written by hand is followed (Maglev says be1, the entry be2)...
+        fx.set_affinity(key, ids[1], monotonic_ns()?)?;
+        let be = fx
+            .forward_from(net, net.vip, proto, ports[0])
+            .context(ctxt.clone())?;
+        ensure!(be == net.be2, "{ctxt}: fresh entry not followed: {be}");
+
+        // ...one older than the timeout is not, and is rewritten.
+        let now = monotonic_ns()?;
+        let old = now
+            .checked_sub((TIMEOUT_S as u64 + 1) * 1_000_000_000)
+            .context("the machine has been up for less than the affinity timeout")?;
+        fx.set_affinity(key, ids[1], old)?;
+        let be = fx
+            .forward_from(net, net.vip, proto, ports[1])
+            .context(ctxt.clone())?;
+        ensure!(be == net.be1, "{ctxt}: expired entry followed to {be}");
+        expect_entry(&mut fx, ids[0], now, "expired")?;
+
+        // An entry naming a backend no longer active is ignored and rewritten.
+        fx.set_backend(ids[1], net.be2, BE_PORT, false)?;
+        let now = monotonic_ns()?;
+        fx.set_affinity(key, ids[1], now)?;
+        let be = fx
+            .forward_from(net, net.vip, proto, ports[2])
+            .context(ctxt.clone())?;
+        ensure!(
+            be == net.be1,
+            "{ctxt}: inactive backend's entry followed to {be}"
+        );
+        expect_entry(&mut fx, ids[0], now, "inactive")?;
+
+        // An entry naming a backend of the other family (a reused id, say) likewise.
+        let foreign = if net.client.is_ipv4() { V6.be2 } else { V4.be2 };
+        fx.set_backend(3299, foreign, BE_PORT, true)?;
+        let now = monotonic_ns()?;
+        fx.set_affinity(key, 3299, now)?;
+        let be = fx
+            .forward_from(net, net.vip, proto, ports[3])
+            .context(ctxt.clone())?;
+        ensure!(
+            be == net.be1,
+            "{ctxt}: other family's backend followed to {be}"
+        );
+        expect_entry(&mut fx, ids[0], now, "other family")?;
+
+        // A tracked flow whose backend goes away is a new flow again: the client's entry
+        // (be1, now gone) is ignored, Maglev picks be2, and the entry follows, so the
+        // client's next new flow goes to be2 too.
+        fx.set_backend(ids[1], net.be2, BE_PORT, true)?;
+        fx.set_maglev(AFFINITY_SVC * 16, 7, &[ids[1]])?;
+        fx.set_backend(ids[0], net.be1, BE_PORT, false)?;
+        let now = monotonic_ns()?;
+        let be = fx
+            .forward_from(net, net.vip, proto, ports[3])
+            .context(ctxt.clone())?;
+        ensure!(be == net.be2, "{ctxt}: rescheduled flow went to {be}");
+        expect_entry(&mut fx, ids[1], now, "rescheduled")?;
+        fx.set_backend(ids[0], net.be1, BE_PORT, true)?;
+        fx.set_maglev(AFFINITY_SVC * 16, 7, &[ids[0], ids[1]])?;
+        let be = fx
+            .forward_from(net, net.vip, proto, ports[4])
+            .context(ctxt.clone())?;
+        ensure!(
+            be == net.be2,
+            "{ctxt}: next flow went to {be}, not the rescheduled flow's backend"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn affinity_scopes_of_one_service_port_are_separate() -> anyhow::Result<()> {
+    use lb_common::{SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL, SVC_F_LOCAL};
+    for net in [V4, V6] {
+        let proto = PROTO_TCP;
+        let ctxt = format!("affinity scopes {}", net.client);
+        let choices = maglev_choices(net, proto, 43_000..43_032)?;
+        let cluster_ports = ports_to(&choices, net.be1, 1)?;
+        let mut fx = Fixture::new("affscope")?;
+        let ids = fx.service_with(
+            AFFINITY_SVC,
+            net.vip,
+            VIP_PORT,
+            proto,
+            &[(net.be1, BE_PORT), (net.be2, BE_PORT)],
+            SVC_F_CLUSTER_IP | SVC_F_AFFINITY,
+            10_800,
+        )?;
+        // The same service port's external frontend (`net.other`) with eTP Local: its own
+        // table, holding only the local endpoint be1.
+        let lb_offset = 1000;
+        fx.set_maglev(lb_offset, 7, &[ids[0]])?;
+        fx.set_service(
+            net.other,
+            VIP_PORT,
+            proto,
+            ServiceValue {
+                svc_id: AFFINITY_SVC,
+                maglev_offset: lb_offset,
+                maglev_size: 7,
+                flags: SVC_F_EXTERNAL | SVC_F_LOCAL | SVC_F_AFFINITY,
+                affinity_timeout_s: 10_800,
+                _pad: 0,
+            },
+        )?;
+        // The client is pinned to be2 in the cluster scope.
+        let pinned_at = monotonic_ns()?;
+        fx.set_affinity(affinity_key(net, 0), ids[1], pinned_at)?;
+
+        // Through the local frontend that entry does not apply: be1, remembered under
+        // scope 1; the cluster-scope entry is left alone.
+        let be = fx.forward_from(net, net.other, proto, 43_100)?;
+        ensure!(be == net.be1, "{ctxt}: local frontend went to {be}");
+        let local = fx
+            .affinity(&affinity_key(net, 1))?
+            .ok_or_else(|| anyhow!("{ctxt}: no scope-1 entry"))?;
+        ensure!(
+            local.backend_id == ids[0],
+            "{ctxt}: scope-1 entry {local:?}"
+        );
+        let cluster = fx
+            .affinity(&affinity_key(net, 0))?
+            .ok_or_else(|| anyhow!("{ctxt}: scope-0 entry gone"))?;
+        ensure!(
+            cluster.backend_id == ids[1] && cluster.last_ns == pinned_at,
+            "{ctxt}: scope-0 entry changed by a scope-1 flow: {cluster:?}"
+        );
+        // Through the ClusterIP the scope-0 entry still applies (Maglev would say be1).
+        let be = fx.forward_from(net, net.vip, proto, cluster_ports[0])?;
+        ensure!(be == net.be2, "{ctxt}: cluster frontend went to {be}");
+    }
+    Ok(())
+}
+
+/// A client reusing one source port for two frontends that share a backend: both flows
+/// are the same tuple at the pod, so they share one RNAT key. Coming back to the first
+/// frontend (its CT entry still live) must give replies the first frontend's address
+/// again, for a TCP SYN and for UDP.
+#[test]
+fn port_reuse_across_frontends_sharing_a_backend_keeps_replies_right() -> anyhow::Result<()> {
+    for net in [V4, V6] {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let mut fx = Fixture::new("reuse")?;
+            fx.service(7, net.vip, VIP_PORT, proto, &[(net.be1, BE_PORT)])?;
+            fx.service(8, net.other, VIP_PORT, proto, &[(net.be1, BE_PORT)])?;
+            let to = |dst: IpAddr| -> anyhow::Result<Vec<u8>> {
+                match proto {
+                    PROTO_TCP => {
+                        packet::tcp(net.client, dst, CLIENT_PORT, VIP_PORT, TcpKind::Syn, &[])
+                    }
+                    _ => packet::udp(net.client, dst, CLIENT_PORT, VIP_PORT, PAYLOAD),
+                }
+            };
+            let reply = build(proto, net.be1, net.client, BE_PORT, CLIENT_PORT)?;
+            for (round, vip) in [net.vip, net.other, net.vip].into_iter().enumerate() {
+                let out = fx.run_expect(&to(vip)?, XDP_PASS, lb_common::R_FWD_PASS)?;
+                ensure!(decode(&out)?.dst == net.be1, "round {round}: not DNATed");
+                let back = decode(&fx.run_expect(&reply, XDP_PASS, lb_common::R_RNAT_PASS)?)?;
+                ensure!(
+                    back.src == vip && back.sport == VIP_PORT,
+                    "{} round {round}: reply from {}:{}, the client talked to {vip}",
+                    proto_name(proto),
+                    back.src,
+                    back.sport
+                );
+                assert_checksums(&back)?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Debian packages the tests and the demo run: `ip`/`ss` (iproute2), `ethtool` (GRO on
 /// the client's veth), servers and clients in the namespaces (nginx, curl, socat),
 /// captures of what reaches pods (tcpdump), nsenter/unshare/mountpoint (util-linux),
-/// map memory for the benchmarks (bpftool).
+/// map memory for the benchmarks (bpftool), kube-proxy's data paths for the benchmarks'
+/// baselines (iptables, nftables; rules are only ever loaded inside test namespaces).
 const DEB_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -39,6 +40,9 @@ const DEB_PACKAGES: &[&str] = &[
     "util-linux",
     // `bench sync` reads the maps' memory from `bpftool map show`.
     "bpftool",
+    // `bench forward` and `bench tcp` compare with kube-proxy's iptables and nftables modes.
+    "iptables",
+    "nftables",
 ];
 
 /// bpf-linker release line known to build against the nightly toolchain's LLVM 22.
@@ -69,12 +73,13 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         requests: usize,
     },
-    /// Setup, then benchmark the XDP program (`prog`) and the control plane (`sync`):
-    /// bench/results/<timestamp>-<suite>.json and docs/benchmarks.md.
+    /// Setup, then benchmark the XDP program (`prog`), forwarding to pods (`forward`), TCP
+    /// through a VIP (`tcp`) and the control plane (`sync`), against kube-proxy's paths
+    /// and no-op baselines: bench/results/<timestamp>-<suite>.json and docs/benchmarks.md.
     Bench {
         #[arg(value_enum, default_value = "all")]
         suite: bench::Suite,
-        /// Fewer runs and points: about a minute for both suites.
+        /// Fewer runs and points: under three minutes for all suites.
         #[arg(long)]
         quick: bool,
     },
@@ -540,6 +545,19 @@ fn test(root: &Path) -> Result<()> {
         &mut tally,
     ) {
         failed.push(format!("{e:#}"));
+    }
+    // The benchmark harness once, quick: it must produce every figure (not given values).
+    step("benchmark smoke test: cargo xtask bench all --quick");
+    match bench::smoke(root, run_visible) {
+        Ok(()) => {
+            println!("test bench_quick_produces_every_figure ... ok");
+            tally.passed += 1;
+        }
+        Err(e) => {
+            println!("test bench_quick_produces_every_figure ... FAILED: {e:#}");
+            tally.failed += 1;
+            failed.push(format!("bench smoke test: {e:#}"));
+        }
     }
     // One closing line for the whole run (the last line on success): the per-binary
     // summaries end with doc-test runs of zero tests.

@@ -1,16 +1,21 @@
 //! lb-agent: loads the XDP programs with pinned maps, keeps the maps equal to the services
-//! in a file or directory, and attaches to edge and pod interfaces as they come and go.
+//! of the Kubernetes API (or of a file or directory), and attaches to edge and pod
+//! interfaces as they come and go.
 
 use std::io::IsTerminal as _;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use lb_userspace::loader::{self, error_chain, Attacher, IfaceEvent, ModeChoice};
-use lb_userspace::model::DesiredState;
+use lb_userspace::model::{DesiredState, NodeSettings};
+use lb_userspace::ops::{Ops, SyncOutcome};
 use lb_userspace::reconciler::{ApplyStats, ReconcileError, Reconciler};
 use lb_userspace::sources::file::FileSource;
+use lb_userspace::sources::kube::{self, KubeSource};
+use lb_userspace::sources::Update;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, info, warn};
 
@@ -21,9 +26,26 @@ const IFACE_POLL: Duration = Duration::from_millis(250);
 #[command(about = "xdplb agent: XDP service load balancing in place of kube-proxy")]
 struct Args {
     /// Services and EndpointSlices (YAML/JSON as `kubectl get -o yaml` prints): a file or a
-    /// directory of files, followed for changes.
+    /// directory of files, followed for changes. Without it, the Kubernetes API is watched.
     #[arg(long)]
-    services: PathBuf,
+    services: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API. Default: KUBECONFIG, ~/.kube/config, then the
+    /// in-cluster service account.
+    #[arg(long, conflicts_with = "services")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name: endpoints on it are local (traffic policy Local), its Node
+    /// object's InternalIP/ExternalIP addresses carry the NodePorts. Kubernetes mode
+    /// default: the hostname, as kube-proxy's. File mode default: none (every endpoint
+    /// local).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// An address NodePorts also listen on, besides the Node object's; repeatable.
+    #[arg(long = "nodeport-address")]
+    nodeport_address: Vec<IpAddr>,
+    /// How long the Kubernetes API may take to answer the first list of every kind
+    /// (e.g. 60s, 500ms, 2m) before the agent gives up.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    initial_sync_timeout: Duration,
     /// Interface facing the outside (xdp_edge); repeatable.
     #[arg(long = "edge-iface")]
     edge_iface: Vec<String>,
@@ -41,6 +63,114 @@ struct Args {
     /// Per-packet logging from the programs (aya-log); slow.
     #[arg(long)]
     debug: bool,
+    /// Where /metrics (Prometheus), /healthz and /readyz are served.
+    #[arg(long, default_value = lb_userspace::ops::DEFAULT_METRICS_BIND)]
+    metrics_bind: std::net::SocketAddr,
+    /// Address the healthCheckNodePort servers listen on; the default 0.0.0.0 means every
+    /// address of both families, as kube-proxy.
+    #[arg(long, default_value = "0.0.0.0")]
+    health_check_address: IpAddr,
+    /// Services for processes in the agent's own network namespace too (host-network
+    /// pods, node daemons), as kube-proxy's OUTPUT rules give them: cgroup socket
+    /// programs rewrite their connect()/sendmsg() to a backend. `false` turns it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    host_services: bool,
+    /// cgroup v2 directory the socket programs attach to (its whole subtree is covered).
+    /// Default: /sys/fs/cgroup, else /sys/fs/cgroup/unified; when nothing is mounted at
+    /// /sys/fs/cgroup, cgroup2 is mounted there.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+}
+
+/// `60s`, `500ms`, `2m` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 60s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// The hostname, lower-cased, as kube-proxy's default node name.
+fn hostname() -> anyhow::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("gethostname");
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_lowercase();
+    if name.is_empty() {
+        bail!("the hostname is empty");
+    }
+    Ok(name)
+}
+
+/// Where the services come from.
+// One value, moved once into its task: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    File(FileSource),
+    Kube(KubeSource),
+}
+
+impl Source {
+    async fn run(self, tx: tokio::sync::watch::Sender<Update>) -> anyhow::Result<()> {
+        match self {
+            Source::File(s) => s.run(tx).await,
+            Source::Kube(s) => s.run(tx).await.map_err(Into::into),
+        }
+    }
+}
+
+/// Sets up the source and reads the first full state from it: the file(s), or the
+/// Kubernetes API's initial lists.
+async fn open_source(args: &Args) -> anyhow::Result<(Source, Update)> {
+    let node_name = args.node_name.clone().filter(|n| !n.trim().is_empty());
+    if let Some(path) = &args.services {
+        let node = NodeSettings {
+            name: node_name,
+            extra_addresses: args.nodeport_address.clone(),
+        };
+        let mut source = FileSource::new(path).with_node(node);
+        let state = source
+            .load()
+            .with_context(|| format!("reading services from {}", path.display()))?;
+        return Ok((Source::File(source), Update::new(state, true)));
+    }
+    let name = match node_name {
+        Some(n) => n,
+        None => {
+            let h = hostname().context("--node-name not given and no hostname to use")?;
+            info!(node = %h, "--node-name not given (NODE_NAME unset): using the hostname, as kube-proxy does");
+            h
+        }
+    };
+    let client = kube::client(args.kubeconfig.as_deref())
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let node = NodeSettings {
+        name: Some(name.clone()),
+        extra_addresses: args.nodeport_address.clone(),
+    };
+    let mut source = KubeSource::new(client, node);
+    info!(node = %name, "listing Services, EndpointSlices and this node's Node");
+    let first = source
+        .initial_sync(args.initial_sync_timeout)
+        .await
+        .context("reading services from the Kubernetes API")?;
+    Ok((Source::Kube(source), first))
 }
 
 #[tokio::main]
@@ -48,10 +178,12 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     // The programs' aya-log records arrive at debug level under the `lb_ebpf` target;
     // --debug would show nothing without letting them through.
+    // kube-client logs every failed request at error level, each retry of an outage
+    // included; the Kubernetes source logs each distinct failure once instead.
     let default_filter = if args.debug {
-        "info,lb_ebpf=debug"
+        "info,lb_ebpf=debug,kube_client::client::builder=off"
     } else {
-        "info"
+        "info,kube_client::client::builder=off"
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -102,28 +234,49 @@ fn log_events(events: Vec<IfaceEvent>) {
     }
 }
 
-/// Applies a state; failures of single services are logged, map errors returned.
+/// Applies a state; failures of single services are logged, map errors returned. The
+/// flag is false when some service ports kept their previous state.
 fn apply<W: lb_userspace::reconciler::MapWriter>(
     rec: &mut Reconciler<W>,
     state: &DesiredState,
-) -> Result<ApplyStats, ReconcileError> {
+) -> Result<(ApplyStats, bool), ReconcileError> {
     match rec.apply(state) {
-        Ok(stats) => Ok(stats),
+        Ok(stats) => Ok((stats, true)),
         Err(ReconcileError::ServicesNotApplied { failures, stats }) => {
             for f in &failures {
                 warn!(service = %f.service, "not applied, previous state kept: {}", f.shortage);
             }
-            Ok(stats)
+            Ok((*stats, false))
         }
         Err(e) => Err(e),
     }
 }
 
-fn log_stats(stats: &ApplyStats) {
+/// Counts a sync in the metrics (`xdplb_syncs_total`, `xdplb_event_to_maps_seconds`, ...).
+fn record_sync(ops: &Ops, result: &Result<(ApplyStats, bool), ReconcileError>, update: &Update) {
+    let outcome = match result {
+        Ok((stats, true)) => SyncOutcome::Applied(stats),
+        Ok((stats, false)) => SyncOutcome::Partial(stats),
+        Err(_) => SyncOutcome::Failed,
+    };
+    ops.record_sync(outcome, update.since, update.resync);
+}
+
+fn log_stats(stats: &ApplyStats, update: &Update) {
+    let event_to_maps = update.since.elapsed();
     if stats.writes() == 0 {
-        debug!("desired state unchanged in the maps");
+        debug!(
+            ?event_to_maps,
+            resync = update.resync,
+            "desired state unchanged in the maps"
+        );
     } else {
-        info!(writes = stats.writes(), "applied: {stats}");
+        info!(
+            writes = stats.writes(),
+            ?event_to_maps,
+            resync = update.resync,
+            "applied: {stats}"
+        );
     }
 }
 
@@ -138,10 +291,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(missing) = args.edge_iface.iter().find(|i| !present.contains_key(*i)) {
         bail!("--edge-iface {missing}: no such interface");
     }
-    let mut source = FileSource::new(&args.services);
-    let state = source
-        .load()
-        .with_context(|| format!("reading services from {}", args.services.display()))?;
+    // Served before the first list (up to --initial-sync-timeout): /healthz answers for
+    // the startup probe, /readyz says 503 until the first sync is in the maps. A port
+    // that cannot be bound is a configuration error: fail now.
+    let ops = Ops::new(&args.pin_dir);
+    let _metrics = ops
+        .serve(args.metrics_bind)
+        .await
+        .with_context(|| format!("--metrics-bind {}", args.metrics_bind))?;
+    let health_checks = ops
+        .health_checks(args.health_check_address)
+        .context("starting the healthCheckNodePort servers")?;
+
+    let (source, first) = open_source(&args).await?;
+    let state = first.state.clone();
 
     let mut loaded =
         loader::load(lb_userspace::EBPF_OBJ, &args.pin_dir, args.debug).with_context(|| {
@@ -155,8 +318,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (svcs, fes) = rec.counts();
     info!(service_ports = svcs, frontends = fes, pin_dir = %args.pin_dir.display(), "adopted maps");
 
-    // load() above has logged every invalid object with its file, object and field.
-    let stats = apply(&mut rec, &state).context("writing the initial state to the maps")?;
+    // load() / the initial lists above have logged every invalid object with its object
+    // and field.
+    let result = apply(&mut rec, &state);
+    record_sync(&ops, &result, &first);
+    let (stats, _) = result.context("writing the initial state to the maps")?;
+    health_checks.update(&state);
     // Always at info: after a restart, "0 writes" is how one sees the maps were adopted.
     info!(writes = stats.writes(), "initial sync: {stats}");
 
@@ -168,14 +335,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.xdp_mode,
     )?;
     log_events(attacher.start().context("attaching to the interfaces")?);
+    // After the first sync, before the ready line: host processes are served from then
+    // on. Dropped on any error below, which detaches it.
+    let sock_lb = if args.host_services {
+        let cgroup = loader::find_cgroup2(args.cgroup_root.as_deref())
+            .context("--host-services: finding the cgroup v2 hierarchy (--cgroup-root names it; --host-services false runs without)")?;
+        let s = loader::SockLb::attach(lb_userspace::EBPF_OBJ, &args.pin_dir, &cgroup)
+            .with_context(|| {
+                format!(
+                    "--host-services: attaching the socket programs to {}",
+                    cgroup.display()
+                )
+            })?;
+        info!(cgroup = %cgroup.display(), netns_cookie = s.netns_cookie(), "host services: socket programs attached");
+        Some(s)
+    } else {
+        None
+    };
 
     let (svcs, fes) = rec.counts();
     println!(
         "lb-agent ready: {svcs} service ports, {fes} frontends, attached to [{}]",
         attacher.attached().join(", ")
     );
+    ops.set_ready();
 
-    let (tx, mut rx) = tokio::sync::watch::channel(state);
+    let (tx, mut rx) = tokio::sync::watch::channel(first);
     rx.mark_unchanged();
     let mut source_task = tokio::spawn(source.run(tx));
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -196,9 +381,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         Err(e) => Err(anyhow::Error::new(e).context("services source task")),
                     };
                 }
-                let state = rx.borrow_and_update().clone();
-                match apply(&mut rec, &state) {
-                    Ok(stats) => log_stats(&stats),
+                let update = rx.borrow_and_update().clone();
+                let result = apply(&mut rec, &update.state);
+                record_sync(&ops, &result, &update);
+                // Whatever the maps did: the answers follow the Services' endpoints, as
+                // kube-proxy's do.
+                health_checks.update(&update.state);
+                match result {
+                    Ok((stats, _)) => log_stats(&stats, &update),
                     // The maps stay usable (write order); the next change re-reads them.
                     Err(e) => warn!("applying the new services failed: {}", error_chain(&e)),
                 }
@@ -211,6 +401,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 };
             }
             _ = tick.tick() => {
+                // /healthz fails when this stops (DEFAULT_STALL_AFTER).
+                ops.heartbeat();
                 log_events(attacher.sync());
                 if let Some(l) = loaded.logger.as_mut() {
                     l.flush();
@@ -220,9 +412,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     source_task.abort();
+    // Socket programs first (new host connections stop being translated), then XDP; an
+    // error in one does not keep the other attached.
+    let sock_detached = sock_lb.map(loader::SockLb::detach).transpose();
     attacher
         .detach_all()
         .context("detaching the programs (maps stay pinned)")?;
+    sock_detached.context("detaching the socket programs")?;
     info!(pin_dir = %args.pin_dir.display(), "detached; maps stay pinned");
     result
 }

@@ -31,9 +31,11 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Service ports with their frontends, endpoints and counters.
+    /// Service ports with their frontends (kind, scope, drop-if-empty, source ranges),
+    /// endpoints, session affinity, source ranges and counters.
     Services,
-    /// Endpoints (backends) with their pods and counters.
+    /// Endpoints (backends) with their pods and counters; `draining` ones are in no Maglev
+    /// table (terminating or not ready): they keep established flows, take no new ones.
     Backends,
     /// Tracked connections (client → frontend → backend).
     Flows {

@@ -1,5 +1,6 @@
-//! The file source (`--services <file|dir>`): Services and EndpointSlices from manifests
-//! as `kubectl get -o yaml` (multi-document, or `kind: List`) or `-o json` prints them.
+//! The file source (`--services <file|dir>`): Services, EndpointSlices and Nodes from
+//! manifests as `kubectl get -o yaml` (multi-document, or `kind: List`) or `-o json`
+//! prints them. The state is computed for the node given with [`FileSource::with_node`].
 //!
 //! Every load re-reads all files and rebuilds the object set, with these rules:
 //! - a valid object replaces its previous version;
@@ -28,8 +29,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::{decode, Decoded, Located, ObjectStore};
-use crate::model::DesiredState;
+use super::{decode, Decoded, Located, ObjectStore, Update};
+use crate::model::{DesiredState, NodeSettings};
 use crate::translate::ObjectRef;
 
 /// How often the files are checked for changes.
@@ -54,10 +55,13 @@ struct FileStamp {
 
 type Fingerprint = BTreeMap<PathBuf, FileStamp>;
 
-/// Reads Services and EndpointSlices from a file or directory and follows its changes.
+/// Reads Services, EndpointSlices and Nodes from a file or directory and follows its
+/// changes.
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
+    /// Which node this is: local endpoints and NodePort addresses.
+    node: NodeSettings,
     store: ObjectStore,
     /// File each object in the store was read from.
     origin: BTreeMap<ObjectRef, PathBuf>,
@@ -75,6 +79,7 @@ impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
+            node: NodeSettings::default(),
             store: ObjectStore::new(),
             origin: BTreeMap::new(),
             errors: Vec::new(),
@@ -83,6 +88,13 @@ impl FileSource {
             fingerprint: None,
             pending: None,
         }
+    }
+
+    /// Sets the node the state is computed for (default: no name, so every endpoint is
+    /// local, and NodePorts only on the addresses of the Node objects in the files).
+    pub fn with_node(mut self, node: NodeSettings) -> Self {
+        self.node = node;
+        self
     }
 
     /// The file or directory this source reads.
@@ -192,7 +204,7 @@ impl FileSource {
             }
         }
 
-        let translation = store.translate();
+        let translation = store.translate(&self.node);
         warnings.extend(translation.conflicts.iter().map(|c| c.to_string()));
 
         for msg in &errors {
@@ -216,7 +228,7 @@ impl FileSource {
 
     /// The state of the last load, without reading anything.
     pub fn state(&self) -> DesiredState {
-        self.store.desired_state()
+        self.store.desired_state(&self.node)
     }
 
     /// Loads again if the files changed since the last load and have not changed since
@@ -239,7 +251,7 @@ impl FileSource {
     /// Sends the current state, then a new state after each change, until every receiver
     /// is dropped. Fails only if the path cannot be read at start; later read failures are
     /// logged and the last state stays in force.
-    pub async fn run(self, tx: watch::Sender<DesiredState>) -> anyhow::Result<()> {
+    pub async fn run(self, tx: watch::Sender<Update>) -> anyhow::Result<()> {
         let path = self.path.display().to_string();
         let (mut this, first) = blocking(self, |s| s.load()).await?;
         let state = first.with_context(|| format!("reading services from {path}"))?;
@@ -350,12 +362,13 @@ impl FileSource {
     }
 }
 
-fn send_if_changed(tx: &watch::Sender<DesiredState>, state: DesiredState) {
+fn send_if_changed(tx: &watch::Sender<Update>, state: DesiredState) {
     tx.send_if_modified(|cur| {
-        if *cur == state {
+        if cur.state == state {
             return false;
         }
-        *cur = state;
+        // A file change is read in full: every update is a resync.
+        *cur = Update::new(state, true);
         true
     });
 }
@@ -591,6 +604,156 @@ mod tests {
             backends(&state, &syslog),
             vec!["198.18.2.20:5514", "198.18.2.21:5514"]
         );
+        // The file holds no Node: web's NodePort listens only on --nodeport-address.
+        let node = NodeSettings {
+            name: Some("edge-1".into()),
+            extra_addresses: vec!["198.18.0.5".parse().expect("address")],
+        };
+        let state = FileSource::new(&path)
+            .with_node(node)
+            .load()
+            .expect("load example");
+        assert_eq!(
+            vips(&state, &web),
+            vec!["198.18.0.5:31080", "198.18.100.10:80", "198.18.200.10:80"]
+        );
+    }
+
+    fn addrs(eps: &[Endpoint]) -> Vec<String> {
+        eps.iter()
+            .map(|e| format!("{}:{}", e.addr, e.port))
+            .collect()
+    }
+
+    #[test]
+    fn edge_local_example_loads_as_documented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/edge-local.yaml");
+        let on = |name: &str, extra: &[&str]| {
+            let mut src = FileSource::new(&path).with_node(NodeSettings {
+                name: Some(name.into()),
+                extra_addresses: extra.iter().map(|a| a.parse().expect("address")).collect(),
+            });
+            let state = src.load().expect("load example");
+            assert!(src.errors().is_empty(), "{:?}", src.errors());
+            assert!(src.warnings().is_empty(), "{:?}", src.warnings());
+            let id = id("shop", "checkout", "https", Protocol::Tcp);
+            assert_eq!(state.services.len(), 1);
+            state.services[&id].clone()
+        };
+        let st = on("edge-1", &[]);
+        let fronts: Vec<(String, FrontendKind)> = st
+            .frontends
+            .iter()
+            .map(|f| (format!("{}:{}", f.addr, f.port), f.kind))
+            .collect();
+        assert_eq!(
+            fronts,
+            vec![
+                ("198.18.0.11:31443".into(), FrontendKind::NodePort),
+                ("198.18.0.12:31443".into(), FrontendKind::NodePort),
+                ("198.18.100.30:443".into(), FrontendKind::ClusterIp),
+                ("198.18.200.30:443".into(), FrontendKind::LoadBalancer),
+            ]
+        );
+        assert!(st.external_local && !st.internal_local);
+        assert_eq!(st.health_check_node_port, Some(32443));
+        assert_eq!(st.affinity_timeout_s, Some(600));
+        let ranges: Vec<String> = st.source_ranges.iter().map(|p| p.to_string()).collect();
+        assert_eq!(ranges, vec!["198.18.64.0/18"]);
+        assert_eq!(
+            addrs(&st.endpoints),
+            vec!["198.18.1.30:8443", "198.18.1.31:8443"]
+        );
+        assert_eq!(addrs(&st.local_endpoints), vec!["198.18.1.30:8443"]);
+        assert_eq!(addrs(&st.draining), vec!["198.18.1.32:8443"]);
+        assert_eq!(
+            st.endpoints_for(FrontendKind::LoadBalancer),
+            &st.local_endpoints[..]
+        );
+        assert_eq!(st.endpoints_for(FrontendKind::ClusterIp), &st.endpoints[..]);
+
+        // On edge-2 (no Node object for it in the file): NodePorts only on the given
+        // address, and edge-2's pod is the local one.
+        let st = on("edge-2", &["198.18.0.21"]);
+        let node_ports: Vec<String> = st
+            .frontends
+            .iter()
+            .filter(|f| f.kind == FrontendKind::NodePort)
+            .map(|f| format!("{}:{}", f.addr, f.port))
+            .collect();
+        assert_eq!(node_ports, vec!["198.18.0.21:31443"]);
+        assert_eq!(addrs(&st.local_endpoints), vec!["198.18.1.31:8443"]);
+    }
+
+    const NODE: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status:
+  addresses: [{type: InternalIP, address: 198.18.0.1}]
+"#;
+
+    const NODE_PORT_SVC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: t}
+spec:
+  type: NodePort
+  clusterIP: 198.18.100.9
+  ports: [{port: 80, nodePort: 30080}]
+"#;
+
+    #[test]
+    fn node_object_edits_move_the_node_ports_and_a_bad_edit_keeps_the_last_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nodes = dir.path().join("nodes.yaml");
+        write(&nodes, NODE);
+        write(&dir.path().join("svc.yaml"), NODE_PORT_SVC);
+        let np = id("t", "np", "", Protocol::Tcp);
+        let mut src = FileSource::new(dir.path()).with_node(NodeSettings {
+            name: Some("n1".into()),
+            extra_addresses: Vec::new(),
+        });
+        let state = src.load().expect("load");
+        assert!(src.errors().is_empty(), "{:?}", src.errors());
+        assert_eq!(
+            vips(&state, &np),
+            vec!["198.18.0.1:30080", "198.18.100.9:80"]
+        );
+
+        // The node gets a second address.
+        write(
+            &nodes,
+            &NODE.replace(
+                "addresses: [{type: InternalIP, address: 198.18.0.1}]",
+                "addresses: [{type: InternalIP, address: 198.18.0.1},                  {type: ExternalIP, address: 198.18.0.2}]",
+            ),
+        );
+        let state = src.load().expect("load");
+        assert_eq!(
+            vips(&state, &np),
+            vec!["198.18.0.1:30080", "198.18.0.2:30080", "198.18.100.9:80"]
+        );
+
+        // An invalid address: reported with the field, the previous version stays.
+        write(&nodes, &NODE.replace("198.18.0.1", "198.18.0.256"));
+        let state = src.load().expect("load");
+        assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
+        assert!(
+            src.errors()[0].contains("Node n1: status.addresses[0].address"),
+            "{:?}",
+            src.errors()
+        );
+        assert_eq!(
+            vips(&state, &np),
+            vec!["198.18.0.1:30080", "198.18.0.2:30080", "198.18.100.9:80"]
+        );
+
+        // The Node object removed: no NodePort frontends any more.
+        write(&nodes, "");
+        let state = src.load().expect("load");
+        assert!(src.errors().is_empty(), "{:?}", src.errors());
+        assert_eq!(vips(&state, &np), vec!["198.18.100.9:80"]);
     }
 
     #[test]
@@ -814,12 +977,12 @@ mod tests {
 
     /// Waits until the watched state satisfies `f`, at most `limit`.
     async fn wait_for(
-        rx: &mut watch::Receiver<DesiredState>,
+        rx: &mut watch::Receiver<Update>,
         limit: Duration,
         f: impl Fn(&DesiredState) -> bool,
     ) -> Duration {
         let start = Instant::now();
-        tokio::time::timeout(limit, rx.wait_for(|s| f(s)))
+        tokio::time::timeout(limit, rx.wait_for(|u| f(&u.state)))
             .await
             .unwrap_or_else(|_| panic!("state did not change within {limit:?}"))
             .expect("source stopped");
@@ -831,7 +994,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("svc.yaml");
         write(&file, &manifest("a", "198.18.100.1", "80", &["198.18.1.1"]));
-        let (tx, mut rx) = watch::channel(DesiredState::default());
+        let (tx, mut rx) = watch::channel(Update::new(DesiredState::default(), false));
         let task = tokio::spawn(FileSource::new(dir.path()).run(tx));
         let a = id("t", "a", "http", Protocol::Tcp);
         wait_for(&mut rx, Duration::from_secs(5), |s| {
@@ -873,7 +1036,7 @@ mod tests {
             s.services.contains_key(&b)
         })
         .await;
-        let now = rx.borrow().clone();
+        let now = rx.borrow().state.clone();
         assert_eq!(vips(&now, &a), vec!["198.18.100.7:80"]);
         assert_eq!(backends(&now, &a), vec!["198.18.1.3:8080"]);
 
@@ -896,7 +1059,7 @@ mod tests {
     #[tokio::test]
     async fn run_fails_when_the_path_is_missing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (tx, _rx) = watch::channel(DesiredState::default());
+        let (tx, _rx) = watch::channel(Update::new(DesiredState::default(), false));
         let err = FileSource::new(dir.path().join("missing"))
             .run(tx)
             .await

@@ -1,28 +1,53 @@
-//! Where the desired state comes from. Every source (the manifest files today, the
-//! Kubernetes API later) decodes objects with [`decode`], keeps the last valid version of
-//! each in an [`ObjectStore`] and turns the store into a `DesiredState` through
-//! `translate`, so both read manifests the same way.
+//! Where the desired state comes from. Every source (the manifest files, the Kubernetes
+//! API) keeps the last valid version of each Service, EndpointSlice and Node in an
+//! [`ObjectStore`] (the file source decodes them with [`decode`]) and turns the store
+//! into a `DesiredState` through `translate`, for the node described by a
+//! `NodeSettings`, so both read objects the same way.
 
 pub mod file;
+pub mod kube;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
-use crate::model::DesiredState;
+use crate::model::{DesiredState, NodeSettings};
 use crate::translate::{
-    self, ObjectKind, ObjectRef, TranslateError, Translation, DEFAULT_NAMESPACE,
+    self, NodeInfo, ObjectKind, ObjectRef, TranslateError, Translation, DEFAULT_NAMESPACE,
 };
+
+/// What a source sends the agent after every change: the whole desired state.
+#[derive(Clone, Debug)]
+pub struct Update {
+    pub state: DesiredState,
+    /// When the source received the oldest event this state reflects and the previous
+    /// update did not: the start of the "event to maps" latency.
+    pub since: std::time::Instant,
+    /// The state follows a full (re)list: the agent counts a resync.
+    pub resync: bool,
+}
+
+impl Update {
+    pub fn new(state: DesiredState, resync: bool) -> Self {
+        Self {
+            state,
+            since: std::time::Instant::now(),
+            resync,
+        }
+    }
+}
 
 /// An object a source can feed to `translate`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    /// Where NodePorts listen (`status.addresses`).
+    Node(Box<Node>),
 }
 
 impl Object {
@@ -31,6 +56,7 @@ impl Object {
         match self {
             Object::Service(s) => ObjectRef::new(ObjectKind::Service, &s.metadata),
             Object::EndpointSlice(s) => ObjectRef::new(ObjectKind::EndpointSlice, &s.metadata),
+            Object::Node(n) => ObjectRef::new(ObjectKind::Node, &n.metadata),
         }
     }
 
@@ -42,6 +68,7 @@ impl Object {
                 Ok(translate::service_warnings(s))
             }
             Object::EndpointSlice(s) => translate::validate_slice(s).map(|()| Vec::new()),
+            Object::Node(n) => translate::validate_node(n).map(|()| Vec::new()),
         }
     }
 }
@@ -87,22 +114,32 @@ impl ObjectStore {
         self.objects.is_empty()
     }
 
-    /// The desired state of everything in the store.
-    pub fn desired_state(&self) -> DesiredState {
-        self.translate().state
+    /// The desired state of everything in the store, as seen from the node `node`.
+    pub fn desired_state(&self, node: &NodeSettings) -> DesiredState {
+        self.translate(node).state
+    }
+
+    /// The node's name and NodePort addresses, from the Node objects in the store and
+    /// `settings` (see [`NodeInfo::resolve`]).
+    pub fn node_info(&self, settings: &NodeSettings) -> NodeInfo {
+        let nodes = self.objects.values().filter_map(|o| match o {
+            Object::Node(n) => Some(n.as_ref()),
+            _ => None,
+        });
+        NodeInfo::resolve(settings, nodes)
     }
 
     /// The desired state and the frontend conflicts resolved on the way (log them).
-    pub fn translate(&self) -> Translation {
+    pub fn translate(&self, node: &NodeSettings) -> Translation {
         let services = self.objects.values().filter_map(|o| match o {
             Object::Service(s) => Some(s.as_ref()),
-            Object::EndpointSlice(_) => None,
+            _ => None,
         });
         let slices = self.objects.values().filter_map(|o| match o {
             Object::EndpointSlice(s) => Some(s.as_ref()),
-            Object::Service(_) => None,
+            _ => None,
         });
-        translate::translate_with_conflicts(services, slices)
+        translate::translate_with_conflicts(services, slices, &self.node_info(node))
     }
 }
 
@@ -202,6 +239,7 @@ fn decode_into(doc: Value, location: String, out: &mut Vec<Result<Located<Decode
     let object_kind = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => ObjectKind::Service,
         ("discovery.k8s.io/v1", "EndpointSlice") => ObjectKind::EndpointSlice,
+        ("v1", "Node") => ObjectKind::Node,
         _ => {
             out.push(Ok(Located {
                 location,
@@ -211,28 +249,24 @@ fn decode_into(doc: Value, location: String, out: &mut Vec<Result<Located<Decode
         }
     };
     // Identify the object before the typed decode so a type error still names it (and
-    // the source can keep its previous version).
-    let object = str_at(&doc, &["metadata", "name"])
-        .filter(|n| !n.is_empty())
-        .map(|name| ObjectRef {
-            kind: object_kind,
-            namespace: str_at(&doc, &["metadata", "namespace"])
-                .filter(|n| !n.is_empty())
-                .unwrap_or(DEFAULT_NAMESPACE)
-                .to_owned(),
-            name: name.to_owned(),
-        });
-    let Some(object) = object else {
-        let unnamed = ObjectRef {
-            kind: object_kind,
-            namespace: str_at(&doc, &["metadata", "namespace"])
-                .unwrap_or(DEFAULT_NAMESPACE)
-                .to_owned(),
-            name: String::new(),
-        };
-        out.push(Err(err(Some(unnamed), "metadata.name", "missing".into())));
-        return;
+    // the source can keep its previous version). Nodes are cluster-scoped: no namespace.
+    let namespace = match object_kind {
+        ObjectKind::Node => String::new(),
+        ObjectKind::Service | ObjectKind::EndpointSlice => str_at(&doc, &["metadata", "namespace"])
+            .filter(|n| !n.is_empty())
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .to_owned(),
     };
+    let name = str_at(&doc, &["metadata", "name"]).unwrap_or_default();
+    let object = ObjectRef {
+        kind: object_kind,
+        namespace,
+        name: name.to_owned(),
+    };
+    if object.name.is_empty() {
+        out.push(Err(err(Some(object), "metadata.name", "missing".into())));
+        return;
+    }
     let typed = match object_kind {
         ObjectKind::Service => serde_path_to_error::deserialize::<_, Service>(doc).map(|mut s| {
             default_namespace(&mut s.metadata);
@@ -243,6 +277,9 @@ fn decode_into(doc: Value, location: String, out: &mut Vec<Result<Located<Decode
                 default_namespace(&mut s.metadata);
                 Object::EndpointSlice(Box::new(s))
             })
+        }
+        ObjectKind::Node => {
+            serde_path_to_error::deserialize::<_, Node>(doc).map(|n| Object::Node(Box::new(n)))
         }
     };
     out.push(match typed {
@@ -313,6 +350,82 @@ mod tests {
     }
 
     #[test]
+    fn nodes_decode_without_namespace_and_feed_node_info() {
+        let doc = json(
+            r#"{"apiVersion":"v1","kind":"List","items":[
+                {"apiVersion":"v1","kind":"Node","metadata":{"name":"n1"},
+                 "status":{"addresses":[{"type":"InternalIP","address":"198.18.0.1"},
+                                        {"type":"Hostname","address":"n1"}]}},
+                {"apiVersion":"v1","kind":"Node","metadata":{"name":"n2"},
+                 "status":{"addresses":[{"type":"InternalIP","address":"2001:db8::2"}]}},
+                {"apiVersion":"v1","kind":"Node","metadata":{"name":"n3"},
+                 "status":{"addresses":[{"type":"InternalIP","address":7}]}}
+            ]}"#,
+        );
+        let mut items = decode(doc).into_iter();
+        let mut store = ObjectStore::new();
+        for _ in 0..2 {
+            let Some(Ok(Located {
+                value: Decoded::Object(obj),
+                ..
+            })) = items.next()
+            else {
+                panic!("a Node object");
+            };
+            let key = obj.key();
+            assert_eq!(key.kind, ObjectKind::Node);
+            assert!(key.namespace.is_empty(), "{key:?}");
+            store.apply(obj).expect("valid Node");
+        }
+        let Some(Err(e)) = items.next() else {
+            panic!("n3 does not decode");
+        };
+        assert_eq!(e.field, "status.addresses[0].address");
+        assert_eq!(
+            e.object.as_ref().map(|o| o.to_string()).as_deref(),
+            Some("Node n3")
+        );
+
+        let named = NodeSettings {
+            name: Some("n1".into()),
+            extra_addresses: vec!["198.18.0.9".parse().expect("address")],
+        };
+        let info = store.node_info(&named);
+        assert_eq!(info.name.as_deref(), Some("n1"));
+        let shown: Vec<String> = info.addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(shown, vec!["198.18.0.1", "198.18.0.9"]);
+        let all = store.node_info(&NodeSettings::default());
+        let shown: Vec<String> = all.addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(shown, vec!["198.18.0.1", "2001:db8::2"]);
+
+        // A NodePort service sees them; the node named in the settings decides.
+        let np = json(
+            r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"np"},
+                "spec":{"type":"NodePort","clusterIP":"198.18.100.1",
+                        "ports":[{"port":80,"nodePort":30080}]}}"#,
+        );
+        let Some(Ok(Located {
+            value: Decoded::Object(svc),
+            ..
+        })) = decode(np).into_iter().next()
+        else {
+            panic!("a Service");
+        };
+        store.apply(svc).expect("valid Service");
+        let state = store.desired_state(&named);
+        let fronts: Vec<String> = state
+            .services
+            .values()
+            .flat_map(|st| &st.frontends)
+            .map(|f| format!("{}:{}", f.addr, f.port))
+            .collect();
+        assert_eq!(
+            fronts,
+            vec!["198.18.0.1:30080", "198.18.0.9:30080", "198.18.100.1:80"]
+        );
+    }
+
+    #[test]
     fn store_keeps_last_valid_version() {
         let v1 = json(
             r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},
@@ -331,13 +444,16 @@ mod tests {
         };
         let mut store = ObjectStore::new();
         store.apply(obj(v1)).expect("valid");
-        let before = store.desired_state();
+        let before = store.desired_state(&NodeSettings::default());
         assert_eq!(before.services.len(), 1);
         let err = store.apply(obj(v2_bad)).expect_err("port 0 is invalid");
         assert_eq!(err.field(), "spec.ports[0].port");
-        assert_eq!(store.desired_state(), before);
+        assert_eq!(store.desired_state(&NodeSettings::default()), before);
         let key = store.keys().next().cloned().expect("one object");
         assert!(store.remove(&key).is_some());
-        assert!(store.desired_state().services.is_empty());
+        assert!(store
+            .desired_state(&NodeSettings::default())
+            .services
+            .is_empty());
     }
 }

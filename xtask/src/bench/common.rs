@@ -269,3 +269,46 @@ impl Summary {
 pub fn progress(msg: impl std::fmt::Display) {
     eprintln!("  .. {msg}");
 }
+
+/// The calling thread inside network namespace `name` (`/run/netns/<name>`) until dropped,
+/// then back where it was. BPF_PROG_TEST_RUN resolves `ingress_ifindex`, and XDP attach
+/// resolves its ifindex, in the calling thread's namespace; sockets are created in it too.
+pub struct InNetns {
+    back: std::fs::File,
+}
+
+impl InNetns {
+    pub fn enter(name: &str) -> Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        // thread-self, not self: setns(2) moves only this thread.
+        let back = std::fs::File::open("/proc/thread-self/ns/net")
+            .context("opening this thread's network namespace")?;
+        let target = std::fs::File::open(format!("/run/netns/{name}"))
+            .with_context(|| format!("opening network namespace {name}"))?;
+        // SAFETY: setns(2) on an open namespace fd; affects only the calling thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        ensure!(
+            rc == 0,
+            "setns into {name}: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(Self { back })
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: as in `enter`; the fd is the namespace this thread came from.
+        let rc = unsafe { libc::setns(self.back.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            // Continuing in the wrong namespace would put later work in a namespace that
+            // is about to be deleted: stop here.
+            eprintln!(
+                "fatal: cannot return to the original network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+            std::process::abort();
+        }
+    }
+}

@@ -160,7 +160,7 @@ fn full_sync(shape: Shape) -> Result<(FullSync, Vec<MapMem>)> {
                 .map(|(k, n)| format!("{k}: {n}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            (failures.len(), Some(why), stats)
+            (failures.len(), Some(why), *stats)
         }
         Err(e) => return Err(e).context("full sync apply"),
     };
