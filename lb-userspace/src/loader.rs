@@ -371,9 +371,15 @@ struct Attached {
     ifindex: u32,
     program: &'static str,
     link: aya::programs::xdp::XdpLinkId,
+    /// Where the link is pinned (`<pin dir>/links/<ifindex>`): a pinned XDP link stays
+    /// attached after the agent exits, and the next agent swaps its program in.
+    pin: PathBuf,
     role: u32,
     mode: XdpMode,
 }
+
+/// Directory under the pin directory holding the XDP links.
+pub const LINKS_DIR: &str = "links";
 
 /// Attaches `xdp_edge` to the edge interfaces and `xdp_pod` to interfaces matching the pod
 /// patterns, keeps IFACES equal to what is attached, and follows interfaces coming and
@@ -381,6 +387,7 @@ struct Attached {
 pub struct Attacher {
     ebpf: Ebpf,
     ifaces: Ifaces,
+    links_dir: PathBuf,
     mode: ModeChoice,
     edge: Vec<String>,
     pod: Vec<glob::Pattern>,
@@ -390,13 +397,21 @@ pub struct Attacher {
 }
 
 impl Attacher {
+    /// `pin_dir` is where the maps are pinned; the XDP links are pinned under
+    /// `pin_dir/links`.
     pub fn new(
         ebpf: Ebpf,
         ifaces: Ifaces,
+        pin_dir: &Path,
         edge: Vec<String>,
         pod_patterns: &[String],
         mode: ModeChoice,
     ) -> Result<Self, LoaderError> {
+        let links_dir = pin_dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir).map_err(|source| LoaderError::PinDir {
+            path: links_dir.clone(),
+            source,
+        })?;
         let pod = pod_patterns
             .iter()
             .map(|p| {
@@ -409,6 +424,7 @@ impl Attacher {
         Ok(Self {
             ebpf,
             ifaces,
+            links_dir,
             mode,
             edge,
             pod,
@@ -445,6 +461,20 @@ impl Attacher {
         for e in self.ifaces.list()? {
             if !ours.contains(&e.ifindex) {
                 self.ifaces.remove(e.ifindex)?;
+            }
+        }
+        // Links a previous agent left on interfaces this one does not serve (gone, or no
+        // longer configured): removing the pin detaches them.
+        if let Ok(dir) = std::fs::read_dir(&self.links_dir) {
+            for entry in dir.flatten() {
+                let keep = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|i| ours.contains(&i));
+                if !keep {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
         Ok(events)
@@ -523,6 +553,20 @@ impl Attacher {
             PROG_POD
         };
         let veth = driver_name(name).is_ok_and(|d| d == "veth");
+        let pin = self.links_dir.join(ifindex.to_string());
+        if pin.exists() {
+            match self.adopt(name, ifindex, role, program, &pin) {
+                Ok(Some(ev)) => return Ok(ev),
+                Ok(None) => {}
+                Err(e) => tracing::info!(
+                    iface = name,
+                    "not reusing the pinned link ({}), attaching anew",
+                    error_chain(&e)
+                ),
+            }
+            // Removing the pin drops the old link (and its program) once our fd is closed.
+            let _ = std::fs::remove_file(&pin);
+        }
         let first = match (self.mode, role) {
             (ModeChoice::Generic, _) => XdpMode::Skb,
             (ModeChoice::Native, _) => XdpMode::Driver,
@@ -569,17 +613,18 @@ impl Attacher {
             }
             other => other,
         };
-        let link = match res {
+        let attach_err = |source| LoaderError::Attach {
+            program,
+            iface: name.to_owned(),
+            ifindex,
+            mode,
+            source: Box::new(source),
+        };
+        let link = match res.and_then(|id| self.pin_link(program, id, &pin)) {
             Ok(l) => l,
             Err(source) => {
                 let _ = self.ifaces.remove(ifindex);
-                return Err(LoaderError::Attach {
-                    program,
-                    iface: name.to_owned(),
-                    ifindex,
-                    mode,
-                    source: Box::new(source),
-                });
+                return Err(attach_err(source));
             }
         };
         self.attached.insert(
@@ -588,6 +633,7 @@ impl Attacher {
                 ifindex,
                 program,
                 link,
+                pin,
                 role,
                 mode,
             },
@@ -610,6 +656,125 @@ impl Attacher {
                 tracing::debug!(ifindex = a.ifindex, error = %error_chain(&e), "detach");
             }
         }
+        let _ = std::fs::remove_file(&a.pin);
+    }
+
+    /// Pins a freshly attached link and hands it back to the program (which keeps
+    /// managing it by id): `take_link` is the only way to reach the link's fd.
+    fn pin_link(
+        &mut self,
+        program: &'static str,
+        id: aya::programs::xdp::XdpLinkId,
+        pin: &Path,
+    ) -> Result<aya::programs::xdp::XdpLinkId, aya::programs::ProgramError> {
+        use aya::programs::links::FdLink;
+        use aya::programs::xdp::XdpLink;
+        let p =
+            xdp_mut(&mut self.ebpf, program).map_err(|_| aya::programs::ProgramError::NotLoaded)?;
+        let link = p.take_link(id)?;
+        // Only bpf_link attachments (kernel >= 5.9) can be pinned; a netlink attachment
+        // fails here and the caller reports it.
+        let fd = FdLink::try_from(link).map_err(|e| match e {
+            aya::programs::links::LinkError::InvalidLink => {
+                aya::programs::ProgramError::UnexpectedProgramType
+            }
+            e => aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())),
+        })?;
+        let pinned = fd.pin(pin).map_err(|e| {
+            aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string()))
+        })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| {
+            aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string()))
+        })?;
+        // Re-attaching the same program through the link (an atomic no-op swap) puts it
+        // back under the program's management.
+        p.attach_to_link(link)
+    }
+
+    /// Takes over the link a previous agent pinned for `ifindex`: the new program is
+    /// swapped in atomically (`bpf_link_update`), so packets never see the interface
+    /// without a program. `None` when the pinned link is not one to reuse (another
+    /// role, or no IFACES entry telling its mode).
+    fn adopt(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        role: u32,
+        program: &'static str,
+        pin: &Path,
+    ) -> Result<Option<IfaceEvent>, LoaderError> {
+        use aya::programs::links::{FdLink, PinnedLink};
+        use aya::programs::xdp::XdpLink;
+        let Some(prev) = self
+            .ifaces
+            .list()?
+            .into_iter()
+            .find(|e| e.ifindex == ifindex)
+        else {
+            return Ok(None);
+        };
+        if prev.role != role {
+            return Ok(None);
+        }
+        let mode = if prev.flags & IFACE_F_GENERIC != 0 {
+            XdpMode::Skb
+        } else {
+            XdpMode::Driver
+        };
+        // A link keeps the mode it was created with: reuse it only if this agent would
+        // have chosen that mode (auto accepts generic on an edge: the driver's fallback).
+        let wanted = match (self.mode, role) {
+            (ModeChoice::Generic, _) => Some(XdpMode::Skb),
+            (ModeChoice::Native, _) => Some(XdpMode::Driver),
+            (ModeChoice::Auto, r) if r == IFACE_ROLE_POD => Some(XdpMode::Skb),
+            (ModeChoice::Auto, _) => None,
+        };
+        if wanted.is_some_and(|w| w != mode) {
+            return Ok(None);
+        }
+        let err = |e: String| LoaderError::Attach {
+            program,
+            iface: name.to_owned(),
+            ifindex,
+            mode,
+            source: Box::new(aya::programs::ProgramError::IOError(std::io::Error::other(
+                e,
+            ))),
+        };
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| err(e.to_string()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| err(e.to_string()))?;
+        // Fails on a link whose interface is gone (the kernel detached it).
+        let link = xdp_mut(&mut self.ebpf, program)?
+            .attach_to_link(link)
+            .map_err(|e| err(error_chain(&e)))?;
+        self.attached.insert(
+            name.to_owned(),
+            Attached {
+                ifindex,
+                program,
+                link,
+                pin: pin.to_owned(),
+                role,
+                mode,
+            },
+        );
+        Ok(Some(IfaceEvent::Attached {
+            name: name.to_owned(),
+            ifindex,
+            role,
+            mode,
+            flags: prev.flags,
+            fell_back: None,
+        }))
+    }
+
+    /// Lets go of every interface without detaching: the pinned links keep the programs
+    /// (and the IFACES entries they read) in place, so traffic keeps being balanced with
+    /// the maps as they are until the next agent takes the links over.
+    pub fn release(self) {
+        let n = self.attached.len();
+        drop(self);
+        tracing::debug!(links = n, "released the XDP links (they stay pinned)");
     }
 
     /// `name (ifindex, role, mode)` of every attached interface.
@@ -644,6 +809,14 @@ impl Attacher {
                     first_err.get_or_insert(LoaderError::Program {
                         program: a.program,
                         source: Box::new(source),
+                    });
+                }
+            }
+            if let Err(e) = std::fs::remove_file(&a.pin) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    first_err.get_or_insert(LoaderError::PinDir {
+                        path: a.pin.clone(),
+                        source: e,
                     });
                 }
             }
@@ -977,6 +1150,25 @@ mod tests {
             .map(|e| (e.role, e.flags)))
     }
 
+    /// Interface name -> (XDP mode, program id) from `ip -j -d link show`, in the calling
+    /// thread's namespace.
+    fn xdp_progs() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        let out = std::process::Command::new("ip")
+            .args(["-j", "-d", "link", "show"])
+            .output()?;
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mut m = BTreeMap::new();
+        for l in links.as_array().into_iter().flatten() {
+            let (Some(name), Some(xdp)) = (l["ifname"].as_str(), l.get("xdp")) else {
+                continue;
+            };
+            let mode = xdp["mode"].as_u64().unwrap_or(0);
+            let id = xdp["prog"]["id"].as_u64().unwrap_or(0);
+            m.insert(name.to_owned(), (mode, id));
+        }
+        Ok(m)
+    }
+
     /// Root only: attaches in a namespace of its own and checks IFACES after each step.
     #[test]
     fn attaches_by_role_and_follows_pod_interfaces() -> anyhow::Result<()> {
@@ -1005,6 +1197,7 @@ mod tests {
             let mut att = Attacher::new(
                 loaded.ebpf,
                 loaded.ifaces,
+                &pin_dir,
                 vec!["e0".into(), "br0".into()],
                 &["lxc*".into()],
                 ModeChoice::Auto,
@@ -1051,8 +1244,47 @@ mod tests {
             assert!(entry(&reader, lxc1)?.is_none());
             assert!(att.sync().is_empty(), "nothing changed");
 
+            // Hand-over: the agent lets go (`--on-exit keep`), the programs stay attached
+            // through their pinned links; the next agent swaps its programs in.
+            let before = xdp_progs()?;
+            assert_eq!(before.len(), 3, "{before:?}");
+            att.release();
+            assert_eq!(xdp_progs()?, before, "still attached after release");
+            let loaded = load(crate::EBPF_OBJ, &pin_dir, false)?;
+            let mut att = Attacher::new(
+                loaded.ebpf,
+                loaded.ifaces,
+                &pin_dir,
+                vec!["e0".into(), "br0".into()],
+                &["lxc*".into()],
+                ModeChoice::Auto,
+            )?;
+            let events = att.start()?;
+            assert_eq!(events.len(), 3, "{events:?}");
+            let after = xdp_progs()?;
+            assert_eq!(
+                after.keys().collect::<Vec<_>>(),
+                before.keys().collect::<Vec<_>>(),
+                "the same interfaces"
+            );
+            for (dev, (mode, id)) in &after {
+                let (old_mode, old_id) = &before[dev];
+                assert_eq!(mode, old_mode, "{dev} keeps its mode");
+                assert_ne!(id, old_id, "{dev} runs the new agent's program");
+            }
+            assert_eq!(
+                entry(&reader, e0)?,
+                Some((IFACE_ROLE_EDGE, IFACE_F_VETH | IFACE_F_REDIRECT_OK)),
+            );
+            assert_eq!(std::fs::read_dir(pin_dir.join(LINKS_DIR))?.count(), 3);
+
             att.detach_all()?;
             assert!(reader.list()?.is_empty(), "IFACES emptied on detach");
+            assert_eq!(
+                std::fs::read_dir(pin_dir.join(LINKS_DIR))?.count(),
+                0,
+                "link pins removed on detach"
+            );
             Ok(())
         })
         .join()

@@ -646,3 +646,61 @@ pub fn tcp_connect(ns: &str, addr: IpAddr, port: u16) -> Result<(Result<(), Stri
     };
     Ok((result, took))
 }
+
+/// A long-lived TCP connection (a socat client in `ns`) that answers lines; its output is
+/// read in the background.
+pub struct LineConn {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl LineConn {
+    pub fn open(ns: &str, addr: std::net::Ipv4Addr, port: u16) -> Result<Self> {
+        let mut child = netns::in_ns(ns, "socat")
+            .args(["-", &format!("TCP4:{addr}:{port}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting socat")?;
+        let stdin = child.stdin.take().context("socat stdin")?;
+        let stdout = child.stdout.take().context("socat stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// Sends a line and waits (at most 5 s) for the answer.
+    pub fn ask(&mut self, line: &str) -> Result<String> {
+        use std::io::Write as _;
+        writeln!(self.stdin, "{line}").context("writing to the connection")?;
+        self.stdin.flush().context("flushing")?;
+        self.lines
+            .recv_timeout(Duration::from_secs(5))
+            .with_context(|| format!("no answer to {line:?} within 5 s"))
+    }
+}
+
+impl Drop for LineConn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One line over a fresh TCP connection, and its answer.
+pub fn tcp_line(ns: &str, addr: std::net::Ipv4Addr, port: u16, line: &str) -> Result<String> {
+    LineConn::open(ns, addr, port)?.ask(line)
+}

@@ -7,13 +7,11 @@
 
 use anyhow::{ensure, Context as _, Result};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tests::e2e::{self, Agent, EndpointSpec, PinDir, PortSpec, ServiceSpec};
+use tests::e2e::{self, tcp_line, Agent, EndpointSpec, LineConn, PinDir, PortSpec, ServiceSpec};
 use tests::netns::{self, Topology, POD_HTTP_PORT, POD_TCP_ECHO_PORT, POD_UDP_ECHO_PORT};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -340,61 +338,6 @@ fn pod_reaches_itself_through_its_service() -> Result<()> {
         "pod-1 never reached itself: {seen:?}"
     );
     lab.stop()
-}
-
-/// Reads lines from a long-lived socat client in the background.
-struct LineConn {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl LineConn {
-    fn open(ns: &str, addr: Ipv4Addr, port: u16) -> Result<Self> {
-        let mut child = netns::in_ns(ns, "socat")
-            .args(["-", &format!("TCP4:{addr}:{port}")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting socat")?;
-        let stdin = child.stdin.take().context("socat stdin")?;
-        let stdout = child.stdout.take().context("socat stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Self {
-            child,
-            stdin,
-            lines,
-        })
-    }
-
-    fn ask(&mut self, line: &str) -> Result<String> {
-        writeln!(self.stdin, "{line}").context("writing to the connection")?;
-        self.stdin.flush().context("flushing")?;
-        self.lines
-            .recv_timeout(Duration::from_secs(5))
-            .with_context(|| format!("no answer to {line:?} within 5 s"))
-    }
-}
-
-impl Drop for LineConn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tcp_line(ns: &str, addr: Ipv4Addr, port: u16, line: &str) -> Result<String> {
-    let mut c = LineConn::open(ns, addr, port)?;
-    c.ask(line)
 }
 
 /// An established TCP connection keeps its pod while an endpoint is added and another
@@ -982,5 +925,84 @@ fn incompatible_pinned_map_is_refused_clearly() -> Result<()> {
             && stderr.contains(&*pin.to_string_lossy()),
         "lb-agent with an old SERVICES pin: {status:?}, stderr:\n{stderr}"
     );
+    Ok(())
+}
+
+/// XDP program ids on the node's interfaces (`ip -j -d link show`), by interface.
+fn node_xdp_progs(topo: &Topology) -> Result<BTreeMap<String, u64>> {
+    let out = netns::ns_run(&topo.node, &["ip", "-j", "-d", "link", "show"])?;
+    let links: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            let id = l.get("xdp")?["prog"]["id"].as_u64()?;
+            Some((l["ifname"].as_str()?.to_owned(), id))
+        })
+        .collect())
+}
+
+/// `--on-exit keep`: the programs stay attached through their pinned links while no agent
+/// runs, so a rolling restart loses neither live connections nor new ones; the next agent
+/// swaps its programs in, and one stopping with the default `detach` removes them.
+#[test]
+fn programs_kept_attached_serve_while_the_agent_restarts() -> Result<()> {
+    e2e::bin_dir()?;
+    let mut topo = Topology::new("keep", 2)?;
+    for n in 1..=2 {
+        start_servers(&mut topo, n)?;
+    }
+    let services_path = topo.dir.join("services.yaml");
+    e2e::write_services(&services_path, &[web(ready_v4(&topo, &[1, 2])?)])?;
+    let pin = PinDir::new(&topo)?;
+    let agent = Agent::start(&topo, &services_path, &pin.0, &["--on-exit", "keep"])?;
+    let client = topo.client.clone();
+    let mut conn = LineConn::open(&client, LB_IP, ECHO_PORT)?;
+    let first = conn.ask("before")?;
+    let pod = first.split_once(' ').context("answer")?.0.to_owned();
+    let before = node_xdp_progs(&topo)?;
+    ensure!(before.len() == 3, "edge + 2 pod veths attached: {before:?}");
+    let log = agent.log_text();
+    let status = agent.stop()?;
+    ensure!(status.success(), "lb-agent --on-exit keep: {status}\n{log}");
+
+    // No agent runs: the same programs, the live connection and new ones all work.
+    ensure!(
+        node_xdp_progs(&topo)? == before,
+        "programs changed after the agent stopped"
+    );
+    ensure!(
+        conn.ask("during")? == format!("{pod} during"),
+        "live connection lost"
+    );
+    let mut seen = BTreeSet::new();
+    for i in 0..10 {
+        let a = tcp_line(&client, LB_IP, ECHO_PORT, &format!("gap{i}"))?;
+        seen.insert(a.split_once(' ').context("answer")?.0.to_owned());
+    }
+    ensure!(
+        seen == pod_names(&topo, &[1, 2]),
+        "during the gap: {seen:?}"
+    );
+
+    // The next agent takes the links over with its own programs.
+    let agent = Agent::start(&topo, &services_path, &pin.0, &[])?;
+    let after = node_xdp_progs(&topo)?;
+    ensure!(
+        after.keys().eq(before.keys()) && after.iter().all(|(k, id)| before[k] != *id),
+        "not taken over: before {before:?}, after {after:?}"
+    );
+    ensure!(
+        conn.ask("after")? == format!("{pod} after"),
+        "live connection moved"
+    );
+    let a = tcp_line(&client, LB_IP, ECHO_PORT, "new")?;
+    ensure!(a.ends_with(" new"), "{a}");
+    drop(conn);
+    let status = agent.stop()?;
+    ensure!(status.success(), "lb-agent: {status}");
+    let left = node_xdp_progs(&topo)?;
+    ensure!(left.is_empty(), "--on-exit detach left {left:?}");
     Ok(())
 }

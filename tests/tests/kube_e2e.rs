@@ -9,14 +9,13 @@ use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::runtime::watcher;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tests::e2e::{self, Agent, PinDir};
+use tests::e2e::{self, Agent, LineConn, PinDir};
 use tests::fakeapi::FakeApi;
 use tests::netns::{
     self, Topology, NODE_V4, NODE_V6, POD_HTTP_PORT, POD_PEER_ECHO_PORT, POD_TCP_ECHO_PORT,
@@ -1028,56 +1027,6 @@ fn wait_for_pod(ns: &str, vip: Ipv4Addr, pod: &str, timeout: Duration) -> Result
     netns::wait_until(timeout, &format!("{pod} answering on {vip}"), || {
         Ok(e2e::http_get(ns, &format!("http://{vip}/"))?.body == pod)
     })
-}
-
-/// A long-lived TCP connection (socat) answering lines.
-struct LineConn {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl LineConn {
-    fn open(ns: &str, addr: Ipv4Addr, port: u16) -> Result<Self> {
-        let mut child = netns::in_ns(ns, "socat")
-            .args(["-", &format!("TCP4:{addr}:{port}")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting socat")?;
-        let stdin = child.stdin.take().context("socat stdin")?;
-        let stdout = child.stdout.take().context("socat stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Self {
-            child,
-            stdin,
-            lines,
-        })
-    }
-
-    fn ask(&mut self, line: &str) -> Result<String> {
-        writeln!(self.stdin, "{line}").context("writing to the connection")?;
-        self.stdin.flush().context("flushing")?;
-        self.lines
-            .recv_timeout(Duration::from_secs(5))
-            .with_context(|| format!("no answer to {line:?} within 5 s"))
-    }
-}
-
-impl Drop for LineConn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A TCP connect that must neither succeed nor be refused: the SYN is dropped.

@@ -80,6 +80,20 @@ struct Args {
     /// /sys/fs/cgroup, cgroup2 is mounted there.
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
+    /// What happens to the XDP programs when the agent stops. `detach`: removed (no
+    /// service translation until an agent runs again). `keep`: they stay attached through
+    /// their pinned links and keep balancing with the maps as they are, as kube-proxy's
+    /// rules stay when it stops; the next agent swaps its programs in atomically
+    /// (rolling updates without a gap). Removing the pin directory detaches them.
+    #[arg(long, value_enum, default_value_t = OnExit::Detach)]
+    on_exit: OnExit,
+}
+
+/// `--on-exit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnExit {
+    Detach,
+    Keep,
 }
 
 /// `60s`, `500ms`, `2m` or plain seconds.
@@ -330,6 +344,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut attacher = Attacher::new(
         loaded.ebpf,
         loaded.ifaces,
+        &args.pin_dir,
         args.edge_iface.clone(),
         &args.pod_iface,
         args.xdp_mode,
@@ -415,10 +430,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Socket programs first (new host connections stop being translated), then XDP; an
     // error in one does not keep the other attached.
     let sock_detached = sock_lb.map(loader::SockLb::detach).transpose();
-    attacher
-        .detach_all()
-        .context("detaching the programs (maps stay pinned)")?;
-    sock_detached.context("detaching the socket programs")?;
-    info!(pin_dir = %args.pin_dir.display(), "detached; maps stay pinned");
+    match args.on_exit {
+        OnExit::Detach => {
+            attacher
+                .detach_all()
+                .context("detaching the programs (maps stay pinned)")?;
+            sock_detached.context("detaching the socket programs")?;
+            info!(pin_dir = %args.pin_dir.display(), "detached; maps stay pinned");
+        }
+        OnExit::Keep => {
+            attacher.release();
+            sock_detached.context("detaching the socket programs")?;
+            info!(
+                pin_dir = %args.pin_dir.display(),
+                "XDP programs stay attached (pinned links) with the maps as they are; \
+                 the next agent takes them over, `rm -rf` of the pin directory removes them"
+            );
+        }
+    }
     result
 }
