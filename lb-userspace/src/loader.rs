@@ -15,10 +15,14 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
     IfaceInfo, ALL_MAPS, IFACE_F_GENERIC, IFACE_F_REDIRECT_OK, IFACE_F_VETH, IFACE_ROLE_EDGE,
-    IFACE_ROLE_POD, PROG_EDGE, PROG_POD, SOCK_NETNS_GLOBAL, SOCK_PROGRAMS,
+    IFACE_ROLE_POD, MAGLEV_MIN_SIZE, MAGLEV_SLOTS, MAP_AFFINITY, MAP_BACKENDS, MAP_BE_META,
+    MAP_BE_STATS, MAP_CT, MAP_MAGLEV, MAP_RNAT, MAP_SERVICES, MAP_SRC_RANGES, MAP_SVC_META,
+    MAP_SVC_STATS, MAP_VIPS, MAX_AFFINITY, MAX_BACKENDS, MAX_FLOWS, MAX_FRONTENDS, MAX_SERVICES,
+    MAX_SRC_RANGES, MAX_VIPS, PROG_EDGE, PROG_POD, SOCK_NETNS_GLOBAL, SOCK_PROGRAMS,
 };
 
 use crate::maps::{Ifaces, LbMaps, MapError};
+use crate::reconciler::Limits;
 
 /// Where bpffs is expected.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -48,9 +52,11 @@ pub enum LoaderError {
         source: Box<aya::EbpfError>,
     },
     #[error(
-        "pinned map {} was created by an incompatible xdplb version: it has key size {}, \
-         value size {}, {} entries; this version needs {}, {}, {}. Remove {} to start \
-         afresh (services are rewritten at once; tracked flows and counters are lost)",
+        "pinned map {} was created by an incompatible xdplb version or with other map \
+         capacities (--max-* flags): it has key size {}, value size {}, {} entries; this \
+         agent needs {}, {}, {}. Start with the capacities it was made with, or remove {} \
+         to start afresh (services are rewritten at once; tracked flows and counters are \
+         lost)",
         path.display(), found.0, found.1, found.2, wanted.0, wanted.1, wanted.2,
         pin_dir.display()
     )]
@@ -79,6 +85,8 @@ pub enum LoaderError {
     },
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error("map capacities")]
+    Capacity(#[from] CapacityError),
     #[error("interface {name} does not exist")]
     NoSuchInterface { name: String },
     #[error("attaching {program} to {iface} (ifindex {ifindex}) in {mode:?} mode")]
@@ -161,6 +169,131 @@ pub fn ensure_bpffs(path: &Path) -> Result<bool, LoaderError> {
     Ok(true)
 }
 
+/// Map capacities chosen when the object is loaded (`EbpfLoader::set_max_entries`), so a
+/// small node does not preallocate for 65,536 services and a big one is not capped by
+/// them. The defaults are the sizes in lb-common's definitions. The data path never uses
+/// these as bounds (the kernel bounds-checks every array lookup), so only the maps and
+/// the reconciler's allocators ([`Capacities::limits`]) need to agree on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// SERVICES entries: (address, port, protocol) frontends.
+    pub frontends: u32,
+    /// Service-port ids (SVC_STATS, SVC_META).
+    pub services: u32,
+    /// Backend ids (BACKENDS, BE_STATS, BE_META).
+    pub backends: u32,
+    /// MAGLEV slots of all service ports together.
+    pub maglev_slots: u32,
+    /// CT and RNAT entries each.
+    pub flows: u32,
+    /// Distinct VIP addresses (VIPS).
+    pub vips: u32,
+    /// AFFINITY entries.
+    pub affinity: u32,
+    /// SRC_RANGES prefixes.
+    pub src_ranges: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            frontends: MAX_FRONTENDS,
+            services: MAX_SERVICES,
+            backends: MAX_BACKENDS,
+            maglev_slots: MAGLEV_SLOTS,
+            flows: MAX_FLOWS,
+            vips: MAX_VIPS,
+            affinity: MAX_AFFINITY,
+            src_ranges: MAX_SRC_RANGES,
+        }
+    }
+}
+
+/// Upper bounds [`Capacities::validate`] accepts: well above any cluster's needs, low
+/// enough that a typo (an extra zero or two) fails with a message instead of an ENOMEM or
+/// an agent that preallocates gigabytes. (MAGLEV at the bound is 1 GiB.)
+pub const MAX_CAPACITY_IDS: u32 = 1 << 22;
+pub const MAX_CAPACITY_FLOWS: u32 = 1 << 25;
+pub const MAX_CAPACITY_MAGLEV_SLOTS: u32 = 1 << 28;
+
+/// A capacity out of range.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} = {value} is out of range ({min}..={max})")]
+pub struct CapacityError {
+    pub what: &'static str,
+    pub value: u32,
+    pub min: u32,
+    pub max: u32,
+}
+
+impl Capacities {
+    /// Every capacity within its range: non-zero, and MAGLEV at least one smallest table.
+    pub fn validate(&self) -> Result<(), CapacityError> {
+        let checks = [
+            ("frontends", self.frontends, 1, MAX_CAPACITY_IDS),
+            ("services", self.services, 1, MAX_CAPACITY_IDS),
+            ("backends", self.backends, 1, MAX_CAPACITY_IDS),
+            (
+                "maglev slots",
+                self.maglev_slots,
+                MAGLEV_MIN_SIZE,
+                MAX_CAPACITY_MAGLEV_SLOTS,
+            ),
+            ("flows", self.flows, 1, MAX_CAPACITY_FLOWS),
+            ("vips", self.vips, 1, MAX_CAPACITY_IDS),
+            ("affinity", self.affinity, 1, MAX_CAPACITY_FLOWS),
+            ("source ranges", self.src_ranges, 1, MAX_CAPACITY_IDS),
+        ];
+        for (what, value, min, max) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(CapacityError {
+                    what,
+                    value,
+                    min,
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured size of map `name`, `None` for maps of fixed size (REASONS, IFACES,
+    /// SOCK_RNAT keep their definition's).
+    pub fn max_entries(&self, name: &str) -> Option<u32> {
+        Some(match name {
+            MAP_SERVICES => self.frontends,
+            MAP_VIPS => self.vips,
+            MAP_BACKENDS | MAP_BE_STATS | MAP_BE_META => self.backends,
+            MAP_MAGLEV => self.maglev_slots,
+            MAP_CT | MAP_RNAT => self.flows,
+            MAP_SVC_STATS | MAP_SVC_META => self.services,
+            MAP_AFFINITY => self.affinity,
+            MAP_SRC_RANGES => self.src_ranges,
+            _ => return None,
+        })
+    }
+
+    /// The reconciler's allocator bounds for maps of these sizes.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            services: self.services,
+            backends: self.backends,
+            maglev_slots: self.maglev_slots,
+            frontends: self.frontends,
+            vips: self.vips,
+            src_ranges: self.src_ranges,
+        }
+    }
+
+    fn apply(&self, loader: &mut EbpfLoader<'_>) {
+        for name in ALL_MAPS {
+            if let Some(n) = self.max_entries(name) {
+                loader.map_max_entries(name, n);
+            }
+        }
+    }
+}
+
 /// A loaded object: its programs, the maps the reconciler uses and IFACES.
 pub struct Loaded {
     pub ebpf: Ebpf,
@@ -171,21 +304,33 @@ pub struct Loaded {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-/// Mounts bpffs if needed, creates `pin_dir` and loads `obj` with every map pinned under
-/// it: maps already pinned there (a previous agent's) are reused, so live flows, services
-/// and counters survive a restart.
+/// [`load_with`] the default capacities.
 pub fn load(obj: &[u8], pin_dir: &Path, debug: bool) -> Result<Loaded, LoaderError> {
+    load_with(obj, pin_dir, debug, &Capacities::default())
+}
+
+/// Mounts bpffs if needed, creates `pin_dir` and loads `obj` with every map pinned under
+/// it, sized by `caps`: maps already pinned there (a previous agent's) are reused, so live
+/// flows, services and counters survive a restart; pins of other sizes are refused.
+pub fn load_with(
+    obj: &[u8],
+    pin_dir: &Path,
+    debug: bool,
+    caps: &Capacities,
+) -> Result<Loaded, LoaderError> {
+    caps.validate()?;
     ensure_bpffs(Path::new(BPFFS))?;
     std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
         path: pin_dir.to_owned(),
         source,
     })?;
-    check_pins(obj, pin_dir)?;
+    check_pins(obj, pin_dir, caps)?;
     let debug_flag: u8 = debug.into();
     let mut loader = EbpfLoader::new();
     loader
         .default_map_pin_directory(pin_dir)
         .override_global("DEBUG", &debug_flag, true);
+    caps.apply(&mut loader);
     // Pin every map by name even if its definition forgot `pinned`: an unpinned map would
     // silently lose its contents on restart.
     for name in ALL_MAPS {
@@ -221,9 +366,9 @@ pub fn load(obj: &[u8], pin_dir: &Path, debug: bool) -> Result<Loaded, LoaderErr
 /// aya reuses a pinned map by name without comparing it with the object's definition, and a
 /// pin left by an older version (a smaller value type, fewer reason counters) would then be
 /// shared with programs that read past its values or count into slots it lacks. Compare
-/// every pinned map with the object's definition before loading and refuse with a clear
-/// error instead.
-fn check_pins(obj: &[u8], pin_dir: &Path) -> Result<(), LoaderError> {
+/// every pinned map with the object's definition (its size replaced by the configured
+/// capacity) before loading and refuse with a clear error instead.
+fn check_pins(obj: &[u8], pin_dir: &Path, caps: &Capacities) -> Result<(), LoaderError> {
     let parsed = aya_obj::Object::parse(obj).map_err(|e| LoaderError::Parse(Box::new(e)))?;
     for name in ALL_MAPS {
         let path = pin_dir.join(name);
@@ -238,7 +383,8 @@ fn check_pins(obj: &[u8], pin_dir: &Path) -> Result<(), LoaderError> {
             source: Box::new(source),
         })?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
-        let wanted = (def.key_size(), def.value_size(), def.max_entries());
+        let entries = caps.max_entries(name).unwrap_or_else(|| def.max_entries());
+        let wanted = (def.key_size(), def.value_size(), entries);
         if found != wanted {
             return Err(LoaderError::IncompatiblePin {
                 path,
@@ -961,19 +1107,32 @@ impl SockLb {
     /// agents' (other namespaces') and other tools' programs on the same cgroup keep
     /// running.
     pub fn attach(obj: &[u8], pin_dir: &Path, cgroup: &Path) -> Result<Self, LoaderError> {
+        Self::attach_with(obj, pin_dir, cgroup, &Capacities::default())
+    }
+
+    /// [`SockLb::attach`] sharing maps that were loaded with `caps` (the same as the XDP
+    /// load's, or the pins are refused).
+    pub fn attach_with(
+        obj: &[u8],
+        pin_dir: &Path,
+        cgroup: &Path,
+        caps: &Capacities,
+    ) -> Result<Self, LoaderError> {
+        caps.validate()?;
         let netns_cookie = netns_cookie().map_err(LoaderError::NetnsCookie)?;
         ensure_bpffs(Path::new(BPFFS))?;
         std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
-        check_pins(obj, pin_dir)?;
+        check_pins(obj, pin_dir, caps)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir).override_global(
             SOCK_NETNS_GLOBAL,
             &netns_cookie,
             true,
         );
+        caps.apply(&mut loader);
         for name in ALL_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
@@ -1073,6 +1232,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use anyhow::Context as _;
 
     #[test]
     fn loopback_is_listed_and_not_a_veth() {
@@ -1100,6 +1260,124 @@ mod tests {
             find_cgroup2(Some(Path::new("/xdplb-no-such-dir"))),
             Err(LoaderError::Cgroup { .. })
         ));
+    }
+
+    #[test]
+    fn capacities_out_of_range_are_refused() {
+        assert!(Capacities::default().validate().is_ok());
+        let zero = Capacities {
+            services: 0,
+            ..Capacities::default()
+        };
+        let err = zero.validate().expect_err("zero services");
+        assert_eq!(
+            err.to_string(),
+            format!("services = 0 is out of range (1..={MAX_CAPACITY_IDS})")
+        );
+        let tiny = Capacities {
+            maglev_slots: MAGLEV_MIN_SIZE - 1,
+            ..Capacities::default()
+        };
+        assert_eq!(
+            tiny.validate().expect_err("maglev below one table").what,
+            "maglev slots"
+        );
+        let huge = Capacities {
+            flows: MAX_CAPACITY_FLOWS + 1,
+            ..Capacities::default()
+        };
+        assert_eq!(huge.validate().expect_err("flows typo").what, "flows");
+        // Nothing is created for a refused configuration.
+        let dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-capzero-{}", std::process::id()));
+        let err = load_with(crate::EBPF_OBJ, &dir, false, &zero)
+            .err()
+            .expect("refused");
+        assert!(matches!(err, LoaderError::Capacity(_)), "{err:?}");
+        assert!(!dir.exists());
+    }
+
+    /// The maps take the configured sizes, the reconciler's limits follow them, a second
+    /// load with the same capacities reuses the pins, and one with other capacities is
+    /// refused naming the map and both sizes.
+    #[test]
+    fn maps_are_sized_by_the_configured_capacities() -> anyhow::Result<()> {
+        let caps = Capacities {
+            frontends: 1_000,
+            services: 500,
+            backends: 700,
+            maglev_slots: 5_003,
+            flows: 2_048,
+            vips: 300,
+            affinity: 1_024,
+            src_ranges: 64,
+        };
+        let pin = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/xdplb-caps-{}",
+            std::process::id()
+        )));
+        let loaded = load_with(crate::EBPF_OBJ, &pin.0, false, &caps).context("load")?;
+        let sizes = |dir: &Path| -> anyhow::Result<BTreeMap<&'static str, u32>> {
+            let mut m = BTreeMap::new();
+            for name in ALL_MAPS {
+                let info = aya::maps::MapInfo::from_pin(dir.join(name))
+                    .with_context(|| format!("MapInfo of {name}"))?;
+                m.insert(name, info.max_entries());
+            }
+            Ok(m)
+        };
+        let got = sizes(&pin.0)?;
+        let expect = [
+            (MAP_SERVICES, 1_000),
+            (MAP_VIPS, 300),
+            (MAP_BACKENDS, 700),
+            (MAP_BE_STATS, 700),
+            (MAP_BE_META, 700),
+            (MAP_MAGLEV, 5_003),
+            (MAP_CT, 2_048),
+            (MAP_RNAT, 2_048),
+            (MAP_SVC_STATS, 500),
+            (MAP_SVC_META, 500),
+            (MAP_AFFINITY, 1_024),
+            (MAP_SRC_RANGES, 64),
+            (lb_common::MAP_IFACES, lb_common::MAX_IFACES),
+        ];
+        for (name, n) in expect {
+            assert_eq!(got.get(name), Some(&n), "{name}: {got:?}");
+        }
+        let limits = caps.limits();
+        assert_eq!(limits.maglev_slots, 5_003);
+        assert_eq!(limits.services, 500);
+        assert_eq!(limits.backends, 700);
+        assert_eq!(limits.frontends, 1_000);
+        assert_eq!(limits.vips, 300);
+        crate::reconciler::Reconciler::adopt_with_limits(loaded.maps, limits)
+            .context("adopt with the capacities' limits")?;
+        drop(loaded.ebpf);
+
+        let again = load_with(crate::EBPF_OBJ, &pin.0, false, &caps).context("reload")?;
+        drop(again);
+        assert_eq!(sizes(&pin.0)?, got, "the pins were reused, not recreated");
+
+        let err = load(crate::EBPF_OBJ, &pin.0, false)
+            .err()
+            .context("default capacities over pins of other sizes must be refused")?;
+        let LoaderError::IncompatiblePin {
+            path,
+            found,
+            wanted,
+            ..
+        } = &err
+        else {
+            anyhow::bail!("wrong error: {err:?}");
+        };
+        assert_eq!(path, &pin.0.join(MAP_SERVICES), "{err}");
+        assert_eq!(found.2, 1_000);
+        assert_eq!(wanted.2, lb_common::MAX_FRONTENDS);
+        let msg = err.to_string();
+        assert!(msg.contains("other map capacities"), "{msg}");
+        assert!(msg.contains(&pin.0.display().to_string()), "{msg}");
+        assert_eq!(sizes(&pin.0)?, got, "a refused load changes nothing");
+        Ok(())
     }
 
     #[test]

@@ -87,6 +87,56 @@ struct Args {
     /// (rolling updates without a gap). Removing the pin directory detaches them.
     #[arg(long, value_enum, default_value_t = OnExit::Detach)]
     on_exit: OnExit,
+    /// Map capacities, fixed when the maps are created (memory is preallocated for them:
+    /// about 155 MiB with the defaults on 2 CPUs, docs/benchmarks.md). A pin directory made
+    /// with other values is refused; remove it to resize. Frontends: (address, port,
+    /// protocol) triples, also the VIP address capacity.
+    #[arg(long, default_value_t = lb_common::MAX_FRONTENDS, value_parser = capacity(1))]
+    max_frontends: u32,
+    /// Service ports (a Service's port with all its frontends).
+    #[arg(long, default_value_t = lb_common::MAX_SERVICES, value_parser = capacity(1))]
+    max_services: u32,
+    /// Distinct backends (address, port) over all services.
+    #[arg(long, default_value_t = lb_common::MAX_BACKENDS, value_parser = capacity(1))]
+    max_backends: u32,
+    /// Maglev slots of all service ports together: each port takes the smallest prime at
+    /// least max(101, 100 x its endpoints) (1,009 for 10 endpoints); 8 bytes of kernel
+    /// memory a slot (array values are rounded up to 8).
+    #[arg(
+        long,
+        default_value_t = lb_common::MAGLEV_SLOTS,
+        value_parser = clap::value_parser!(u32)
+            .range(i64::from(lb_common::MAGLEV_MIN_SIZE)..=i64::from(loader::MAX_CAPACITY_MAGLEV_SLOTS))
+    )]
+    maglev_slots: u32,
+    /// Tracked connections (CT and RNAT have this many entries each; the oldest are
+    /// evicted when full).
+    #[arg(
+        long,
+        default_value_t = lb_common::MAX_FLOWS,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(loader::MAX_CAPACITY_FLOWS))
+    )]
+    max_flows: u32,
+}
+
+/// An id capacity flag: `min..=MAX_CAPACITY_IDS`.
+fn capacity(min: i64) -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(min..=i64::from(loader::MAX_CAPACITY_IDS))
+}
+
+impl Args {
+    fn capacities(&self) -> loader::Capacities {
+        loader::Capacities {
+            frontends: self.max_frontends,
+            services: self.max_services,
+            backends: self.max_backends,
+            maglev_slots: self.maglev_slots,
+            flows: self.max_flows,
+            // Every VIP carries at least one frontend.
+            vips: self.max_frontends,
+            ..loader::Capacities::default()
+        }
+    }
 }
 
 /// `--on-exit`.
@@ -320,14 +370,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (source, first) = open_source(&args).await?;
     let state = first.state.clone();
 
-    let mut loaded =
-        loader::load(lb_userspace::EBPF_OBJ, &args.pin_dir, args.debug).with_context(|| {
+    let caps = args.capacities();
+    let mut loaded = loader::load_with(lb_userspace::EBPF_OBJ, &args.pin_dir, args.debug, &caps)
+        .with_context(|| {
             format!(
                 "loading xdplb with maps pinned in {}",
                 args.pin_dir.display()
             )
         })?;
-    let mut rec = Reconciler::adopt(loaded.maps)
+    let mut rec = Reconciler::adopt_with_limits(loaded.maps, caps.limits())
         .with_context(|| format!("reading the maps in {}", args.pin_dir.display()))?;
     let (svcs, fes) = rec.counts();
     info!(service_ports = svcs, frontends = fes, pin_dir = %args.pin_dir.display(), "adopted maps");
@@ -355,7 +406,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let sock_lb = if args.host_services {
         let cgroup = loader::find_cgroup2(args.cgroup_root.as_deref())
             .context("--host-services: finding the cgroup v2 hierarchy (--cgroup-root names it; --host-services false runs without)")?;
-        let s = loader::SockLb::attach(lb_userspace::EBPF_OBJ, &args.pin_dir, &cgroup)
+        let s = loader::SockLb::attach_with(lb_userspace::EBPF_OBJ, &args.pin_dir, &cgroup, &caps)
             .with_context(|| {
                 format!(
                     "--host-services: attaching the socket programs to {}",

@@ -84,7 +84,11 @@ pub fn read_maps(pin_dir: &Path) -> MapReadings {
                         MAP_MAGLEV,
                         Fill {
                             entries: used_slots,
-                            capacity: u64::from(lb_common::MAGLEV_SLOTS),
+                            // The map's own size: `--maglev-slots` may differ from
+                            // the compile-time default.
+                            capacity: aya::maps::MapInfo::from_pin(pin_dir.join(MAP_MAGLEV))
+                                .map(|i| u64::from(i.max_entries()))
+                                .unwrap_or(u64::from(lb_common::MAGLEV_SLOTS)),
                         },
                     ));
                     out.services = svcs

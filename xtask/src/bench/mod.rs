@@ -241,6 +241,9 @@ fn figures(suite: &str) -> &'static [&'static str] {
             "churn.unchanged_ms.p50",
             "full_syncs.*.ms",
             "maps_total_bytes",
+            "sized_syncs.*.ms",
+            "sized_syncs.*.maps_total_bytes",
+            "sized_syncs.*.service_maps_bytes",
         ],
         _ => &[],
     }
