@@ -733,23 +733,23 @@ const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// The kernel's internal ENOTSUPP, which `bpf_map_do_batch` returns for a map type without
 /// batch ops; it is not in libc (which has only the POSIX EOPNOTSUPP).
-const ENOTSUPP: i32 = 524;
+pub(crate) const ENOTSUPP: i32 = 524;
 
 /// `union bpf_attr` as used by the BPF_MAP_*_BATCH commands (the `batch` struct of
 /// include/uapi/linux/bpf.h), padded past the size of the whole union: the kernel rejects
 /// attributes whose bytes after the command's last field are not zero, so the padding must
 /// be there and be zero.
 #[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-    _zero: [u8; 160 - 56],
+pub(crate) struct BatchAttr {
+    pub(crate) in_batch: u64,
+    pub(crate) out_batch: u64,
+    pub(crate) keys: u64,
+    pub(crate) values: u64,
+    pub(crate) count: u32,
+    pub(crate) map_fd: u32,
+    pub(crate) elem_flags: u64,
+    pub(crate) flags: u64,
+    pub(crate) _zero: [u8; 160 - 56],
 }
 
 #[derive(Debug)]

@@ -63,23 +63,8 @@ const BATCH: u32 = 16384;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// The kernel's internal ENOTSUPP (returned for map types without batch ops); not in libc.
-const ENOTSUPP: i32 = 524;
-
-/// `union bpf_attr` for the BPF_MAP_*_BATCH commands, zero-padded past the union's size: the
-/// kernel rejects attributes whose bytes after the command's last field are not zero.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-    _zero: [u8; 160 - 56],
-}
+// The batch attribute layout and the kernel's ENOTSUPP are the ones the map writer uses.
+use crate::maps::{BatchAttr, ENOTSUPP};
 
 /// `union bpf_attr` for BPF_MAP_GET_NEXT_KEY (`map_fd`, `key`, `next_key`), zero-padded.
 #[repr(C)]
