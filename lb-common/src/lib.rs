@@ -77,9 +77,14 @@ pub const MAX_IFACES: u32 = 4_096;
 pub const MAX_AFFINITY: u32 = 65_536;
 /// `loadBalancerSourceRanges` prefixes over all service ports.
 pub const MAX_SRC_RANGES: u32 = 16_384;
-/// Smallest Maglev table: prime >= this, and >= `MAGLEV_MULTIPLIER` x endpoints.
+/// Smallest Maglev table for two or more endpoints (one endpoint gets a 1-slot table), and
+/// the first rung of the ladder of table sizes (each rung the smallest prime >= twice the
+/// one below: 101, 211, 431, 863, ...).
 pub const MAGLEV_MIN_SIZE: u32 = 101;
-pub const MAGLEV_MULTIPLIER: u32 = 100;
+/// A table has at least this many slots per endpoint: the smallest rung >= 20 x N. With
+/// shares differing by at most one slot, the busiest backend gets <= 21/20 of the quietest
+/// one's new flows (lb-userspace's maglev.rs has the reasoning and the measurements).
+pub const MAGLEV_MULTIPLIER: u32 = 20;
 /// Marks a Maglev slot that names no backend (never written by a correct agent).
 pub const BACKEND_NONE: u32 = u32::MAX;
 
@@ -283,6 +288,17 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 /// The forward entry also source-NATs (hairpin: a pod reaching itself through its VIP).
 pub const NAT_F_SNAT: u32 = 1 << 0;
+/// Set by the programs on a flow's entry when the FIB's egress for it did not take native
+/// redirects (a pod veth, say) or its route rules forwarding out (unreachable, a local
+/// address, ...): later packets of the flow that arrive in native mode go to the stack
+/// without a FIB lookup. Only ever selects XDP_PASS, which the stack routes
+/// whatever changed since, so a stale bit costs speed, never delivery.
+pub const NAT_F_STACK: u32 = 1 << 1;
+/// Set by the programs on the CT entries of UDP flows whose reply tuple another flow's
+/// reply also uses (one client address and port, two frontends sharing a backend; see
+/// lb-ebpf's `conntrack::ensure_reply`): only their packets check and re-take the RNAT
+/// entry, so other UDP flows cost no RNAT lookup per packet.
+pub const NAT_F_SHARED_REPLY: u32 = 1 << 2;
 
 /// CT and RNAT value: the tuple the packet is rewritten to.
 ///

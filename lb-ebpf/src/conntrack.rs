@@ -1,14 +1,14 @@
 //! Flow tracking: reply lookup (RNAT), backend choice (CT, Maglev) and entry creation.
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CT, MAGLEV, NAT_SCRATCH, RNAT},
+    maps::{AFFINITY, BACKENDS, CT, MAGLEV, NAT_SCRATCH, RNAT, SCRATCH},
     parse::{be32, zero_pad},
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     is_v4_mapped, AffinityKey, AffinityValue, Backend, FlowKey, NatEntry, ServiceValue,
-    BACKEND_F_ACTIVE, NAT_F_SNAT, R_DROP_FAMILY, R_DROP_NO_BACKEND, R_PASS_CT_FULL, SVC_F_AFFINITY,
-    SVC_F_LOCAL,
+    BACKEND_F_ACTIVE, NAT_F_SHARED_REPLY, NAT_F_SNAT, NAT_F_STACK, PROTO_UDP, R_DROP_FAMILY,
+    R_DROP_NO_BACKEND, R_PASS_CT_FULL, SVC_F_AFFINITY, SVC_F_LOCAL,
 };
 
 /// Create or replace: a rescheduled flow overwrites its old entries.
@@ -18,6 +18,21 @@ const BPF_ANY: u64 = 0;
 #[inline(always)]
 pub fn reply(key: &FlowKey) -> Option<&'static NatEntry> {
     RNAT.get_ptr(key).map(|v| unsafe { &*v })
+}
+
+/// Marks the entry of the packet in SCRATCH `NAT_F_STACK` (see `forward::forward`): in
+/// RNAT for a reply, else in CT. Once per flow, so the lookup is cheap next to the FIB
+/// lookups it saves; an entry evicted meanwhile is simply not marked.
+#[inline(always)]
+pub fn remember_stack(reply: bool) {
+    let Some(p) = SCRATCH.get_ptr(0) else {
+        return;
+    };
+    let key = unsafe { &(*p).key };
+    let map = if reply { &RNAT } else { &CT };
+    if let Some(e) = map.get_ptr_mut(key) {
+        unsafe { (*e).flags |= NAT_F_STACK };
+    }
 }
 
 #[inline(always)]
@@ -72,7 +87,8 @@ pub fn tracked(key: &FlowKey) -> Tracked {
 /// client reusing its port for the earlier frontend then hits the earlier flow's live CT
 /// entry, and its replies would leave with the other frontend's address (seen in `bench
 /// tcp`: 2 s stalls). Checked on TCP SYNs (a connection starts; one lookup) and on every
-/// UDP packet (no handshake to tell a new flow).
+/// packet of the UDP flows marked `NAT_F_SHARED_REPLY` (no handshake to tell a new flow),
+/// which `schedule` marks when one flow's reply entry replaces another's.
 #[inline(never)]
 pub fn ensure_reply(key: &FlowKey, e: &NatEntry) {
     let mut rkey = FlowKey {
@@ -274,6 +290,29 @@ pub fn schedule(
         };
         zero_pad(&mut okey._pad);
         let _ = RNAT.remove(okey);
+    }
+    // UDP flows sharing a reply tuple (see `ensure_reply`): both are marked, the other
+    // one through the entry being replaced, which names its client and frontend. TCP needs
+    // no mark: a reused client port starts with a SYN.
+    if key.proto == PROTO_UDP {
+        if let Some(old) = RNAT.get_ptr(&rkey) {
+            let old = unsafe { &*old };
+            if old.new_src != key.dst || old.new_sport_be != key.dport_be {
+                let mut okey = FlowKey {
+                    src: old.new_dst,
+                    dst: old.new_src,
+                    sport_be: old.new_dport_be,
+                    dport_be: old.new_sport_be,
+                    proto: key.proto,
+                    _pad: [1; 3],
+                };
+                zero_pad(&mut okey._pad);
+                if let Some(c) = CT.get_ptr_mut(&okey) {
+                    unsafe { (*c).flags |= NAT_F_SHARED_REPLY };
+                }
+                fwd.flags |= NAT_F_SHARED_REPLY;
+            }
+        }
     }
     // Reply entry first: a forward entry without its reply would NAT one way only.
     RNAT.insert(rkey, rev, BPF_ANY)

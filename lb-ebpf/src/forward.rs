@@ -3,20 +3,22 @@
 
 use crate::{
     maps::{FIB_SCRATCH, IFACES},
-    parse::{be16, be16_bytes, be32, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Pkt, XDP_PASS},
+    parse::{be16, be16_bytes, be32, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Pkt},
 };
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, xdp_action::XDP_REDIRECT},
+    bindings::bpf_fib_lookup,
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
     EbpfContext,
 };
 use core::mem::size_of;
-use lb_common::{csum::replace16, NatEntry, IFACE_F_GENERIC, IFACE_F_REDIRECT_OK};
+use lb_common::{csum::replace16, NatEntry, IFACE_F_GENERIC, IFACE_F_REDIRECT_OK, NAT_F_STACK};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_BLACKHOLE: i64 = 1;
+const BPF_FIB_LKUP_RET_UNSUPP_LWT: i64 = 6;
 
 #[inline(always)]
 fn words(a: &[u8; 16]) -> [u32; 4] {
@@ -28,16 +30,39 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// Returns `true` if the packet was redirected (the action is then XDP_REDIRECT's), `false`
-/// if it goes to the stack.
+/// Where a NATed packet goes.
+pub enum Out {
+    /// bpf_redirect's verdict: XDP_REDIRECT, or the error action if the redirect failed.
+    Redirect(u32),
+    /// To the stack.
+    Pass,
+    /// To the stack, because the FIB's egress takes no native redirects or the route
+    /// allows none: the caller marks the flow's entry `NAT_F_STACK` so its next packets
+    /// skip the FIB lookup.
+    PassRemember,
+}
+
+/// Redirects the packet out of the FIB's egress interface when that is safe (see below),
+/// otherwise hands it to the stack.
 // Not inlined: a separate stack frame; inlined, the program exceeded LLVM's 512-byte BPF
 // stack limit.
 #[inline(never)]
-pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> (u32, bool) {
-    let pass = (XDP_PASS, false);
+pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Out {
+    let pass = Out::Pass;
     // The FIB's egress is an untagged device; re-tagging is not implemented, so tagged
     // packets are routed by the kernel.
     if p.vlan {
+        return pass;
+    }
+    // Generic (skb) mode keeps the skb and its checksum state through the redirect. From
+    // native XDP only complete checksums may leave, and only into interfaces whose
+    // receivers deliver xdp_frames. The FIB lookup is skipped when its answer cannot
+    // matter: a native packet that is partial, or of a flow whose egress or route allowed
+    // no native redirect before (NAT_F_STACK). Measured through BPF_PROG_TEST_RUN, the
+    // lookup costs 230 ns (IPv4) / 400 ns (IPv6) when it finds a route, 55 / 85 ns when
+    // it does not: more than the rest of an established packet's path.
+    let native = p.in_flags & IFACE_F_GENERIC == 0;
+    if native && (p.partial || e.flags & NAT_F_STACK != 0) {
         return pass;
     }
     // In a per-CPU map rather than on the stack: zeroing it there became a call to
@@ -81,20 +106,26 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> (u32, bool) {
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        // The route itself rules a redirect out (blackhole, unreachable, prohibit, a local
+        // destination such as a host-network endpoint, forwarding off, a tunnel route):
+        // remembered like an egress that takes no redirects. A missing neighbour, a
+        // too-big packet or a missing source address pass to the stack this once only: the
+        // next packet may be redirectable.
+        if native && (BPF_FIB_LKUP_RET_BLACKHOLE..=BPF_FIB_LKUP_RET_UNSUPP_LWT).contains(&rc) {
+            return Out::PassRemember;
+        }
         return pass;
     }
     let egress = fib.ifindex;
-    let egress_flags = IFACES
-        .get_ptr(egress)
-        .map(|i| unsafe { (*i).flags })
-        .unwrap_or(0);
-    // Generic (skb) mode keeps the skb and its checksum state through the redirect. From
-    // native XDP only complete checksums may leave, and only into interfaces whose
-    // receivers deliver xdp_frames.
-    let ok = p.in_flags & IFACE_F_GENERIC != 0
-        || (!p.partial && egress_flags & IFACE_F_REDIRECT_OK != 0);
-    if !ok {
-        return pass;
+    // Only native mode cares what the egress takes: no IFACES lookup for generic.
+    if native {
+        let egress_flags = IFACES
+            .get_ptr(egress)
+            .map(|i| unsafe { (*i).flags })
+            .unwrap_or(0);
+        if egress_flags & IFACE_F_REDIRECT_OK == 0 {
+            return Out::PassRemember;
+        }
     }
     // Decrement TTL / hop limit as a router does; a packet about to expire goes to the
     // stack, which sends the ICMP time-exceeded.
@@ -128,6 +159,5 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> (u32, bool) {
         core::ptr::copy_nonoverlapping(fib.dmac.as_ptr(), (*eth).dst.as_mut_ptr(), 6);
         core::ptr::copy_nonoverlapping(fib.smac.as_ptr(), (*eth).src.as_mut_ptr(), 6);
     }
-    let action = unsafe { bpf_redirect(egress, 0) } as u32;
-    (action, action == XDP_REDIRECT)
+    Out::Redirect(unsafe { bpf_redirect(egress, 0) } as u32)
 }

@@ -32,13 +32,16 @@ mod prog {
         parse::{self, Parsed, Pkt, TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, XDP_TX},
         reject, stats,
     };
-    use aya_ebpf::{helpers::bpf_redirect, macros::xdp, programs::XdpContext};
+    use aya_ebpf::{
+        bindings::xdp_action::XDP_REDIRECT, helpers::bpf_redirect, macros::xdp,
+        programs::XdpContext,
+    };
     use aya_log_ebpf::debug;
     use lb_common::{
-        NatEntry, IFACE_F_GENERIC, IFACE_F_VETH, PROTO_TCP, PROTO_UDP, R_DROP_BAD_L3,
-        R_DROP_NO_ENDPOINTS, R_DROP_NO_LOCAL_ENDPOINTS, R_DROP_SOURCE_RANGE, R_FWD_PASS,
-        R_FWD_REDIRECT, R_PASS_CT_FULL, R_PASS_NOT_SERVICE, R_REJECT_NO_ENDPOINTS, R_RNAT_PASS,
-        R_RNAT_REDIRECT, SVC_F_DROP_IF_EMPTY, SVC_F_SOURCE_RANGES,
+        NatEntry, IFACE_F_GENERIC, IFACE_F_VETH, NAT_F_SHARED_REPLY, PROTO_TCP, PROTO_UDP,
+        R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_DROP_NO_LOCAL_ENDPOINTS, R_DROP_SOURCE_RANGE,
+        R_FWD_PASS, R_FWD_REDIRECT, R_PASS_CT_FULL, R_PASS_NOT_SERVICE, R_REJECT_NO_ENDPOINTS,
+        R_RNAT_PASS, R_RNAT_REDIRECT, SVC_F_DROP_IF_EMPTY, SVC_F_SOURCE_RANGES,
     };
 
     /// Set to 1 at load time (`--debug`) to log one line per verdict through aya-log.
@@ -48,20 +51,26 @@ mod prog {
     struct Verdict {
         action: u32,
         reason: u32,
+        /// Mark the flow's entry (CT, or RNAT for a reply) `NAT_F_STACK`.
+        stack: bool,
     }
 
     const fn v(action: u32, reason: u32) -> Verdict {
-        Verdict { action, reason }
+        Verdict {
+            action,
+            reason,
+            stack: false,
+        }
     }
 
     #[xdp]
     pub fn xdp_edge(ctx: XdpContext) -> u32 {
-        run(&ctx)
+        run(&ctx, true)
     }
 
     #[xdp]
     pub fn xdp_pod(ctx: XdpContext) -> u32 {
-        run(&ctx)
+        run(&ctx, false)
     }
 
     /// Baseline for `cargo xtask bench prog`, never attached by the agent.
@@ -72,9 +81,17 @@ mod prog {
 
     /// Counts exactly one reason per packet, whatever path decided it.
     #[inline(always)]
-    fn run(ctx: &XdpContext) -> u32 {
-        let Verdict { action, reason } = try_xdplb(ctx);
+    fn run(ctx: &XdpContext, edge: bool) -> u32 {
+        let Verdict {
+            action,
+            reason,
+            stack,
+        } = try_xdplb(ctx, edge);
         stats::reason(reason);
+        // Here rather than in `forward`, where the flow's entry is still borrowed.
+        if stack {
+            conntrack::remember_stack(reason == R_RNAT_PASS);
+        }
         // read_volatile: the loader patches DEBUG in .rodata; without it the compiler would
         // fold the initial 0 and drop the logging.
         if unsafe { core::ptr::read_volatile(&DEBUG) } != 0 {
@@ -83,8 +100,13 @@ mod prog {
         action
     }
 
+    /// `edge`: the packet arrived on an edge interface, where most packets go to a VIP, so
+    /// SERVICES (small, cache-hot) and CT are looked up first and RNAT only when they do
+    /// not settle it. Pod interfaces see mostly replies: RNAT first. The orders differ in
+    /// verdict only in the corner case explained at the RNAT fallback below (see also
+    /// docs/architecture.md, "Lookup order").
     #[inline(always)]
-    fn try_xdplb(ctx: &XdpContext) -> Verdict {
+    fn try_xdplb(ctx: &XdpContext, edge: bool) -> Verdict {
         let Some(p) = SCRATCH.get_ptr_mut(0) else {
             // Unreachable: a one-slot per-CPU array always has slot 0.
             return v(XDP_PASS, R_PASS_NOT_SERVICE);
@@ -102,15 +124,43 @@ mod prog {
             }
         };
         let bytes = (ctx.data_end() - ctx.data()) as u64;
+        // A TCP segment with SYN and no ACK opens a connection: it is no reply, and RNAT is
+        // not asked. That saves a lookup that misses in a cold bucket on every new
+        // connection (and a SYN reusing the tuple of an ended hairpin flow's reply is
+        // scheduled, not reverse-NATed with the old flow's entry).
+        let syn = p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
-        if let Some(e) = conntrack::reply(&p.key) {
-            iface(ctx, p);
-            return nat_and_forward(ctx, p, e, true, bytes, false);
+        if !edge && !syn {
+            if let Some(e) = conntrack::reply(&p.key) {
+                iface(ctx, p);
+                return nat_and_forward(ctx, p, e, true, bytes, false);
+            }
         }
 
         let Some(svc) = lookup::service(&p.key.dst, p.key.dport_be, p.key.proto) else {
+            // Replies of flows whose backend is elsewhere (or of hairpin flows) can reach
+            // an edge too.
+            if edge && !syn {
+                if let Some(e) = conntrack::reply(&p.key) {
+                    iface(ctx, p);
+                    return nat_and_forward(ctx, p, e, true, bytes, false);
+                }
+            }
             return v(XDP_PASS, R_PASS_NOT_SERVICE);
         };
+        let tracked = conntrack::tracked(&p.key);
+        // A reply can be addressed to a frontend: a hairpin flow's reply goes to
+        // VIP:client-port, and that port may be a service port of the VIP. So without a
+        // live CT entry RNAT is asked as well, and such a reply is reverse-NATed as on pod
+        // interfaces. The two orders differ only when CT and RNAT both hold this tuple,
+        // which one host's stack cannot use as a client flow and a backend's reply at
+        // once: one entry is left over from an ended flow, and neither order knows which.
+        if edge && !syn && !matches!(tracked, Tracked::Live(_)) {
+            if let Some(e) = conntrack::reply(&p.key) {
+                iface(ctx, p);
+                return nat_and_forward(ctx, p, e, true, bytes, false);
+            }
+        }
         // Every packet, not only new flows: removing a range cuts its live flows too, as
         // kube-proxy's filter rule does.
         if svc.flags & SVC_F_SOURCE_RANGES != 0 && !lookup::source_allowed(svc.svc_id, &p.key.src) {
@@ -118,10 +168,9 @@ mod prog {
         }
         iface(ctx, p);
         let p = &*p;
-        let (e, new_flow) = match conntrack::tracked(&p.key) {
+        let (e, new_flow) = match tracked {
             Tracked::Live(e) => {
-                let syn = p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-                if syn || p.key.proto == PROTO_UDP {
+                if syn || (p.key.proto == PROTO_UDP && e.flags & NAT_F_SHARED_REPLY != 0) {
                     conntrack::ensure_reply(&p.key, e);
                 }
                 (e, false)
@@ -170,14 +219,22 @@ mod prog {
             return v(XDP_DROP, R_DROP_BAD_L3);
         }
         stats::traffic(e.svc_id, e.backend_id, reply, bytes, new_flow);
-        let (action, redirected) = forward::forward(ctx, p, e);
+        let (action, redirected, stack) = match forward::forward(ctx, p, e) {
+            forward::Out::Redirect(action) => (action, action == XDP_REDIRECT, false),
+            forward::Out::Pass => (XDP_PASS, false, false),
+            forward::Out::PassRemember => (XDP_PASS, false, true),
+        };
         let reason = match (reply, redirected) {
             (false, false) => R_FWD_PASS,
             (false, true) => R_FWD_REDIRECT,
             (true, false) => R_RNAT_PASS,
             (true, true) => R_RNAT_REDIRECT,
         };
-        v(action, reason)
+        Verdict {
+            action,
+            reason,
+            stack,
+        }
     }
 
     #[inline(always)]

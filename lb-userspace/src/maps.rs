@@ -278,6 +278,14 @@ pub struct LbMaps {
     /// Set once the kernel refused BPF_MAP_UPDATE_BATCH on MAGLEV: slots are then written
     /// one syscall each.
     maglev_batch_unsupported: bool,
+    /// MAGLEV mapped into this process when the map is BPF_F_MMAPABLE: tables are then
+    /// plain stores, no syscall at all. Mapped on the first table written (lbctl, which
+    /// only reads, never maps it); `Unavailable` for a map without the flag (pinned by an
+    /// older agent), which is written with BPF_MAP_UPDATE_BATCH instead.
+    maglev_mmap: MmapState,
+    /// The same for the other maps the reconciler writes in bulk (SERVICES, VIPS,
+    /// BACKENDS and the name maps).
+    batch_unsupported: bool,
 }
 
 /// The IFACES map: ifindex → role and flags.
@@ -350,6 +358,8 @@ impl LbMaps {
             affinity: src.open(MAP_AFFINITY)?,
             src_ranges: src.open(MAP_SRC_RANGES)?,
             maglev_batch_unsupported: false,
+            maglev_mmap: MmapState::Untried,
+            batch_unsupported: false,
         })
     }
 
@@ -361,6 +371,37 @@ impl LbMaps {
     /// Opens the maps pinned under `pin_dir` (e.g. `/sys/fs/bpf/xdplb`).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapError> {
         Self::open_from(&mut FromPins(pin_dir))
+    }
+
+    /// Writes `keys[i] -> values[i]` into the map `fd` (named `map`) in BPF_MAP_UPDATE_BATCH
+    /// calls. `Ok(false)`: not done, this kernel has no batch command (nothing was written;
+    /// the caller writes the entries one by one, as it does for a single entry).
+    fn try_batch<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        fd: RawFd,
+        map: &'static str,
+        keys: &[K],
+        values: &[V],
+        key_name: impl Fn(&K) -> String,
+    ) -> Result<bool, MapError> {
+        if self.batch_unsupported || keys.len() < 2 {
+            return Ok(false);
+        }
+        match update_batch(fd, keys, values) {
+            Ok(()) => Ok(true),
+            Err(BatchError::Unsupported(e)) => {
+                tracing::debug!(
+                    "BPF_MAP_UPDATE_BATCH on {map} not supported ({e}), writing entries one \
+                     by one from now on"
+                );
+                self.batch_unsupported = true;
+                Ok(false)
+            }
+            Err(BatchError::Failed { start, source, .. }) => {
+                let key = keys.get(start).map_or_else(|| "?".into(), &key_name);
+                Err(batch_err(map, key, source))
+            }
+        }
     }
 
     /// Service ports sorted by name (unnamed ones last, by id).
@@ -645,9 +686,43 @@ impl MapWriter for LbMaps {
                 key: format!("{offset}+{}", slots.len()),
                 reason: "range exceeds u32 slot indices".into(),
             })?;
+        if matches!(self.maglev_mmap, MmapState::Untried) {
+            let mapped = self
+                .maglev
+                .map()
+                .info()
+                .map_err(|e| std::io::Error::other(format!("map info: {e}")))
+                .and_then(|i| {
+                    MaglevMmap::new(
+                        self.maglev.map().fd().as_fd(),
+                        i.map_flags(),
+                        i.value_size(),
+                        i.max_entries(),
+                    )
+                });
+            self.maglev_mmap = match mapped {
+                Ok(m) => MmapState::Mapped(m),
+                Err(e) => {
+                    tracing::debug!(
+                        "{MAP_MAGLEV} cannot be mapped ({e}): writing tables with \
+                         BPF_MAP_UPDATE_BATCH"
+                    );
+                    MmapState::Unavailable
+                }
+            };
+        }
+        if let MmapState::Mapped(m) = &mut self.maglev_mmap {
+            return m.write(offset, slots).map_err(|reason| MapError::Rejected {
+                op: "write",
+                map: MAP_MAGLEV,
+                key: format!("{offset}+{}", slots.len()),
+                reason,
+            });
+        }
         if !self.maglev_batch_unsupported {
             let fd = self.maglev.map().fd().as_fd().as_raw_fd();
-            match update_batch_u32(fd, offset, slots) {
+            let keys: Vec<u32> = (offset..end).collect();
+            match update_batch(fd, &keys, slots) {
                 Ok(()) => return Ok(()),
                 Err(BatchError::Unsupported(e)) => {
                     // Fall through to single updates: nothing was written by the failed call
@@ -659,17 +734,12 @@ impl MapWriter for LbMaps {
                     self.maglev_batch_unsupported = true;
                 }
                 Err(BatchError::Failed { start, len, source }) => {
-                    return Err(MapError::Op {
-                        op: "update batch",
-                        map: MAP_MAGLEV,
-                        key: format!("{start}..{}", start as u64 + len as u64),
-                        source: Box::new(aya::maps::MapError::SyscallError(
-                            aya::sys::SyscallError {
-                                call: "bpf_map_update_batch",
-                                io_error: source,
-                            },
-                        )),
-                    });
+                    let first = u64::from(offset) + start as u64;
+                    return Err(batch_err(
+                        MAP_MAGLEV,
+                        format!("{first}..{}", first + len as u64),
+                        source,
+                    ));
                 }
             }
         }
@@ -677,6 +747,61 @@ impl MapWriter for LbMaps {
             self.maglev
                 .set(slot, id, 0)
                 .map_err(op_err("set", MAP_MAGLEV, slot))?;
+        }
+        Ok(())
+    }
+
+    fn put_backends(&mut self, items: &[(u32, Backend, NameMeta)]) -> Result<(), MapError> {
+        let ids: Vec<u32> = items.iter().map(|(id, _, _)| *id).collect();
+        let metas: Vec<NameMeta> = items.iter().map(|(_, _, m)| *m).collect();
+        let backends: Vec<Backend> = items.iter().map(|(_, b, _)| *b).collect();
+        // Every name before any backend, as `put_backend` orders one.
+        let fd = self.be_meta.map().fd().as_fd().as_raw_fd();
+        if self.try_batch(fd, MAP_BE_META, &ids, &metas, |id| id.to_string())? {
+            let fd = self.backends.map().fd().as_fd().as_raw_fd();
+            if self.try_batch(fd, MAP_BACKENDS, &ids, &backends, |id| id.to_string())? {
+                return Ok(());
+            }
+        }
+        for (id, b, m) in items {
+            self.put_backend(*id, b, m)?;
+        }
+        Ok(())
+    }
+
+    fn put_frontends(&mut self, items: &[(ServiceKey, ServiceValue)]) -> Result<(), MapError> {
+        let keys: Vec<ServiceKey> = items.iter().map(|(k, _)| *k).collect();
+        let values: Vec<ServiceValue> = items.iter().map(|(_, v)| *v).collect();
+        let fd = self.services.map().fd().as_fd().as_raw_fd();
+        if !self.try_batch(fd, MAP_SERVICES, &keys, &values, fmt_key)? {
+            for (k, v) in items {
+                self.put_frontend(k, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_vips(&mut self, items: &[([u8; 16], VipInfo)]) -> Result<(), MapError> {
+        let keys: Vec<[u8; 16]> = items.iter().map(|(k, _)| *k).collect();
+        let values: Vec<VipInfo> = items.iter().map(|(_, v)| *v).collect();
+        let fd = self.vips.map().fd().as_fd().as_raw_fd();
+        let name = |a: &[u8; 16]| addr_from_map(a).to_string();
+        if !self.try_batch(fd, MAP_VIPS, &keys, &values, name)? {
+            for (k, v) in items {
+                self.put_vip(k, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_svc_metas(&mut self, items: &[(u32, NameMeta)]) -> Result<(), MapError> {
+        let keys: Vec<u32> = items.iter().map(|(k, _)| *k).collect();
+        let values: Vec<NameMeta> = items.iter().map(|(_, v)| *v).collect();
+        let fd = self.svc_meta.map().fd().as_fd().as_raw_fd();
+        if !self.try_batch(fd, MAP_SVC_META, &keys, &values, |id| id.to_string())? {
+            for (k, v) in items {
+                self.put_svc_meta(*k, v)?;
+            }
         }
         Ok(())
     }
@@ -724,8 +849,118 @@ impl MapWriter for LbMaps {
     }
 }
 
-/// Slots per BPF_MAP_UPDATE_BATCH call: bounds the key buffer (256 KiB) and how long one
-/// syscall holds the CPU, while a full 1 M-slot sync still takes only 16 calls.
+/// Whether MAGLEV is mapped into this process (see `LbMaps::maglev_mmap`).
+enum MmapState {
+    Untried,
+    Mapped(MaglevMmap),
+    Unavailable,
+}
+
+/// `BPF_F_MMAPABLE` from include/uapi/linux/bpf.h.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// A BPF_F_MMAPABLE array map of u32 values mapped shared and writable: the kernel lays the
+/// values out at `round_up(value_size, 8)` bytes each, the same memory the programs read.
+struct MaglevMmap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    stride: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is owned by this value alone (unmapped on drop) and only written
+// through `&mut self`; the programs read it concurrently, which is what the kernel's
+// mmap of a BPF array is for, and every store is a whole aligned u32.
+unsafe impl Send for MaglevMmap {}
+// SAFETY: `&MaglevMmap` gives no access to the memory.
+unsafe impl Sync for MaglevMmap {}
+
+impl MaglevMmap {
+    /// Maps the array map `fd`, whose kernel info (`MapInfo`) says `map_flags`,
+    /// `value_size` and `max_entries`; fails for a map without BPF_F_MMAPABLE, of another
+    /// value size, or that the kernel refuses to map.
+    fn new(
+        fd: std::os::fd::BorrowedFd<'_>,
+        map_flags: u32,
+        value_size: u32,
+        max_entries: u32,
+    ) -> Result<Self, std::io::Error> {
+        if map_flags & BPF_F_MMAPABLE == 0 {
+            return Err(std::io::Error::other(
+                "map was created without BPF_F_MMAPABLE",
+            ));
+        }
+        if value_size != 4 {
+            return Err(std::io::Error::other(format!(
+                "value size {value_size}, not 4"
+            )));
+        }
+        let stride = 8usize;
+        // SAFETY: sysconf with a constant argument.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| std::io::Error::other("no page size"))?;
+        let len = (max_entries as usize * stride).div_ceil(page) * page;
+        if len == 0 {
+            return Err(std::io::Error::other("empty map"));
+        }
+        // SAFETY: a fresh shared mapping of the map's whole value area (the kernel checks
+        // the length against the map's size); nothing else refers to this memory yet.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned NULL"))?;
+        Ok(Self {
+            ptr,
+            len,
+            stride,
+            entries: max_entries,
+        })
+    }
+
+    /// `values[i]` into slot `offset + i`. Each store is atomic (the data path never sees a
+    /// torn id); the fence orders the whole table before whatever the caller writes next
+    /// (the frontend that switches to it, through a syscall).
+    fn write(&mut self, offset: u32, values: &[u32]) -> Result<(), String> {
+        let end = u64::from(offset) + values.len() as u64;
+        if end > u64::from(self.entries) {
+            return Err(format!("slots up to {end} past the map's {}", self.entries));
+        }
+        for (i, v) in values.iter().enumerate() {
+            let at = (offset as usize + i) * self.stride;
+            // SAFETY: `at + 4 <= entries * stride <= len`: inside the mapping, and 8-byte
+            // aligned (page-aligned base, stride 8), so a valid AtomicU32 location that only
+            // atomic accesses (ours, the programs' loads) touch.
+            let slot =
+                unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.as_ptr().add(at).cast()) };
+            slot.store(*v, std::sync::atomic::Ordering::Relaxed);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for MaglevMmap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; nothing refers to it any more.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Elements per BPF_MAP_UPDATE_BATCH call: bounds how long one syscall holds the CPU,
+/// while a full 1 M-slot MAGLEV sync still takes only 16 calls.
 const BATCH_CHUNK: usize = 1 << 16;
 
 /// `BPF_MAP_UPDATE_BATCH` from `enum bpf_cmd` (include/uapi/linux/bpf.h).
@@ -756,43 +991,56 @@ pub(crate) struct BatchAttr {
 enum BatchError {
     /// This kernel or map has no BPF_MAP_UPDATE_BATCH; nothing was written.
     Unsupported(std::io::Error),
-    /// The update of slots `start..start + len` failed; slots before `start` are written.
+    /// The update of elements `start..start + len` (indices into the slices passed)
+    /// failed; the elements before `start` are written.
     Failed {
-        start: u32,
-        len: u32,
+        start: usize,
+        len: usize,
         source: std::io::Error,
     },
 }
 
-/// Writes `values[i]` to slot `offset + i` of the u32 array map `fd` with
-/// BPF_MAP_UPDATE_BATCH, in chunks of [`BATCH_CHUNK`].
-fn update_batch_u32(fd: RawFd, offset: u32, values: &[u32]) -> Result<(), BatchError> {
-    let map_fd = u32::try_from(fd).map_err(|_| BatchError::Failed {
-        start: offset,
-        len: values.len() as u32,
-        source: std::io::Error::from_raw_os_error(libc::EBADF),
-    })?;
-    let mut keys: Vec<u32> = Vec::with_capacity(values.len().min(BATCH_CHUNK));
-    for (n, chunk) in values.chunks(BATCH_CHUNK).enumerate() {
-        // No overflow: the caller checked offset + values.len() fits in u32.
-        let start = offset + (n * BATCH_CHUNK) as u32;
-        keys.clear();
-        keys.extend(start..start + chunk.len() as u32);
+/// Writes `values[i]` under `keys[i]` into map `fd` with BPF_MAP_UPDATE_BATCH (BPF_ANY),
+/// in chunks of [`BATCH_CHUNK`]. `K` and `V` must be the map's key and value types (their
+/// sizes are the map's key_size and value_size; aya checked that when opening it): the
+/// kernel reads `count` packed keys and values. Arrays and hash maps have the command
+/// since Linux 5.6; for a hash map it is one syscall instead of one per entry.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    fd: RawFd,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), BatchError> {
+    let failed = |start: usize, source| BatchError::Failed {
+        start,
+        len: keys.len() - start,
+        source,
+    };
+    if keys.len() != values.len() {
+        return Err(failed(0, std::io::Error::from_raw_os_error(libc::EINVAL)));
+    }
+    let map_fd =
+        u32::try_from(fd).map_err(|_| failed(0, std::io::Error::from_raw_os_error(libc::EBADF)))?;
+    for (n, (kc, vc)) in keys
+        .chunks(BATCH_CHUNK)
+        .zip(values.chunks(BATCH_CHUNK))
+        .enumerate()
+    {
+        let start = n * BATCH_CHUNK;
         let mut attr = BatchAttr {
             in_batch: 0,
             out_batch: 0,
-            keys: keys.as_ptr() as u64,
-            values: chunk.as_ptr() as u64,
-            count: chunk.len() as u32,
+            keys: kc.as_ptr() as u64,
+            values: vc.as_ptr() as u64,
+            count: kc.len() as u32,
             map_fd,
-            // BPF_ANY: array slots always exist, there is nothing to create or miss.
+            // BPF_ANY: create or replace (array slots always exist).
             elem_flags: 0,
             flags: 0,
             _zero: [0; 160 - 56],
         };
         // SAFETY: attr is a zero-padded `union bpf_attr` batch struct; keys and values point
-        // to `count` u32 each, alive for the call; the kernel only reads them (and writes
-        // `count` back into attr).
+        // to `count` packed keys and values of the map's sizes, alive for the call; the
+        // kernel only reads them (and writes `count` back into attr).
         let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -813,15 +1061,23 @@ fn update_batch_u32(fd: RawFd, offset: u32, values: &[u32]) -> Result<(), BatchE
                 return Err(BatchError::Unsupported(err));
             }
             // On error the kernel reports in `count` how many elements it updated.
-            let done = attr.count.min(chunk.len() as u32);
-            return Err(BatchError::Failed {
-                start: start + done,
-                len: chunk.len() as u32 - done,
-                source: err,
-            });
+            let done = (attr.count as usize).min(kc.len());
+            return Err(failed(start + done, err));
         }
     }
     Ok(())
+}
+
+fn batch_err(map: &'static str, key: String, source: std::io::Error) -> MapError {
+    MapError::Op {
+        op: "update batch",
+        map,
+        key,
+        source: Box::new(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_batch",
+            io_error: source,
+        })),
+    }
 }
 
 /// `3:198.18.0.0/24` (svc_id, prefix) for error messages.
@@ -968,6 +1224,96 @@ mod kernel_tests {
         )));
         let loaded = crate::loader::load(crate::EBPF_OBJ, &dir.0, false).context("load")?;
         let mut maps = loaded.maps;
+        // The batch path, as for MAGLEV maps pinned without BPF_F_MMAPABLE.
+        maps.maglev_mmap = MmapState::Unavailable;
+        put_maglev_round_trips(&mut maps)?;
+        // The batch path ran, not the per-slot fallback: this kernel has the command.
+        assert!(!maps.maglev_batch_unsupported);
+
+        // Past the end of MAGLEV: an error naming the map and the first slot not written.
+        let end = lb_common::MAGLEV_SLOTS;
+        let e = maps
+            .put_maglev(end - 10, &[1; 20])
+            .expect_err("slots past MAGLEV_SLOTS");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(MAP_MAGLEV) && msg.contains(&format!("[{end}..{}]", end + 10)),
+            "{msg}"
+        );
+        assert_eq!(maps.maglev_range(end - 10, 10)?, vec![1; 10]);
+        Ok(())
+    }
+
+    /// An ARRAY of u32 with BPF_F_MMAPABLE, as lb-ebpf declares MAGLEV, made directly
+    /// (BPF_MAP_CREATE) so the mapped path is tested whatever the object declares.
+    fn mmapable_u32_array(entries: u32) -> anyhow::Result<Array<MapData, u32>> {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+            _zero: [u8; 128 - 20],
+        }
+        let mut attr = CreateAttr {
+            map_type: 2, // BPF_MAP_TYPE_ARRAY
+            key_size: 4,
+            value_size: 4,
+            max_entries: entries,
+            map_flags: BPF_F_MMAPABLE,
+            _zero: [0; 128 - 20],
+        };
+        // SAFETY: BPF_MAP_CREATE (0) with a zero-padded attribute; returns a new fd.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                0 as libc::c_long,
+                &mut attr as *mut CreateAttr,
+                std::mem::size_of::<CreateAttr>() as libc::c_uint,
+            )
+        };
+        anyhow::ensure!(
+            fd >= 0,
+            "BPF_MAP_CREATE: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the kernel just returned this fd and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let map = Map::from_map_data(MapData::from_fd(fd)?)?;
+        Ok(Array::try_from(map)?)
+    }
+
+    #[test]
+    fn put_maglev_writes_an_mmapable_map_through_its_mapping() -> anyhow::Result<()> {
+        let dir = PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/xdplb-test-mmap-{}",
+            std::process::id()
+        )));
+        let loaded = crate::loader::load(crate::EBPF_OBJ, &dir.0, false).context("load")?;
+        let mut maps = loaded.maps;
+        let end = lb_common::MAGLEV_SLOTS;
+        maps.maglev = mmapable_u32_array(end)?;
+        maps.maglev_mmap = MmapState::Untried;
+        put_maglev_round_trips(&mut maps)?;
+        assert!(matches!(maps.maglev_mmap, MmapState::Mapped(_)));
+
+        // Past the end: refused before anything is written.
+        let e = maps
+            .put_maglev(end - 10, &[1; 20])
+            .expect_err("slots past MAGLEV_SLOTS");
+        assert!(e.to_string().contains(MAP_MAGLEV), "{e}");
+        assert_eq!(maps.maglev_range(end - 10, 10)?, vec![0; 10]);
+        // The last slot is writable (the mapping covers the whole map).
+        maps.put_maglev(end - 1, &[9])?;
+        assert_eq!(maps.maglev_range(end - 1, 1)?, vec![9]);
+        Ok(())
+    }
+
+    /// Tables written with `put_maglev` read back through the syscall (what the programs
+    /// see), neighbours untouched, across batch-chunk boundaries and overwrites.
+    fn put_maglev_round_trips(maps: &mut LbMaps) -> anyhow::Result<()> {
         let pattern = |base: u32, n: usize| -> Vec<u32> {
             (0..n as u32).map(|i| (base + i * 7) % 4093 + 1).collect()
         };
@@ -1001,21 +1347,6 @@ mod kernel_tests {
             maps.maglev_range(over_off - 1, 1)?,
             vec![big[BATCH_CHUNK - 2_001]]
         );
-
-        // The batch path ran, not the per-slot fallback: this kernel has the command.
-        assert!(!maps.maglev_batch_unsupported);
-
-        // Past the end of MAGLEV: an error naming the map and the first slot not written.
-        let end = lb_common::MAGLEV_SLOTS;
-        let e = maps
-            .put_maglev(end - 10, &[1; 20])
-            .expect_err("slots past MAGLEV_SLOTS");
-        let msg = e.to_string();
-        assert!(
-            msg.contains(MAP_MAGLEV) && msg.contains(&format!("[{end}..{}]", end + 10)),
-            "{msg}"
-        );
-        assert_eq!(maps.maglev_range(end - 10, 10)?, vec![1; 10]);
         Ok(())
     }
 
@@ -1031,6 +1362,9 @@ mod kernel_tests {
         let mut rec = Reconciler::adopt(loaded.maps).context("adopt empty maps")?;
         let stats = rec.apply(&d).context("first apply")?;
         assert!(stats.writes() > 0);
+        // Backends, names, VIPs and frontends went in as batches (this kernel has the
+        // command for hash maps and arrays); what follows checks they all arrived.
+        assert!(!rec.writer().batch_unsupported);
 
         // What lbctl sees, through the pins, while the loader still holds the object.
         let reader = LbMaps::open_pinned(&dir.0).context("open pinned")?;

@@ -821,6 +821,58 @@ fn hairpin_snats_to_the_vip() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `xdp_edge` looks SERVICES and CT up before RNAT. A hairpin flow's reply goes to
+/// VIP:client-port, and when that port is also a service port of the VIP, the reply hits
+/// SERVICES: it must still be reverse-NATed (RNAT asked when CT has no live entry), not
+/// scheduled to that other service's backends as a new flow.
+#[test]
+fn hairpin_reply_to_a_service_port_stays_a_reply_on_the_edge() -> anyhow::Result<()> {
+    // The pod's client port, and the port of a second service port on the same VIP.
+    const PORT2: u16 = 8_081;
+    for net in [V4, V6] {
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let ctxt = format!("hairpin reply on edge {} {}", proto_name(proto), net.client);
+            let mut fx = Fixture::new("hairpin-edge")?;
+            fx.service(9, net.vip, VIP_PORT, proto, &[(net.client, BE_PORT)])?;
+            fx.service(10, net.vip, PORT2, proto, &[(net.be2, BE_PORT)])?;
+            let frame = build(proto, net.client, net.vip, PORT2, VIP_PORT)?;
+            fx.run_on_pod_expect(&frame, XDP_PASS, lb_common::R_FWD_PASS)
+                .context(ctxt.clone())?;
+            // The pod's answer: pod:8080 -> VIP:8081, a frontend of service port 10.
+            let reply = build(proto, net.client, net.vip, BE_PORT, PORT2)?;
+            for _ in 0..2 {
+                let d = decode(
+                    &fx.run_expect(&reply, XDP_PASS, lb_common::R_RNAT_PASS)
+                        .context(ctxt.clone())?,
+                )?;
+                ensure!(
+                    d.src == net.vip && d.sport == VIP_PORT,
+                    "{ctxt}: reply source {}:{}",
+                    d.src,
+                    d.sport
+                );
+                ensure!(
+                    d.dst == net.client && d.dport == PORT2,
+                    "{ctxt}: reply destination {}:{}",
+                    d.dst,
+                    d.dport
+                );
+                assert_checksums(&d).context(ctxt.clone())?;
+            }
+            ensure!(
+                fx.ct(&flow(net.client, net.vip, BE_PORT, PORT2, proto))?
+                    .is_none(),
+                "{ctxt}: the reply was tracked as a flow of its own"
+            );
+            ensure!(
+                fx.svc_stats(10)?.new_flows == 0,
+                "{ctxt}: service port 10 scheduled the reply"
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Fixture {
     fn run_on_pod_expect(
         &mut self,
@@ -1713,6 +1765,121 @@ fn redirect_only_when_safe() -> anyhow::Result<()> {
                     d.l4_checksum_field() == d.pseudo_header_sum(),
                     "{ctxt}: partial field after redirect"
                 );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A flow whose FIB egress took no native redirects is marked `NAT_F_STACK` in CT, and its
+/// later packets arriving in native mode go to the stack without a FIB lookup (observable:
+/// still passed after the egress became redirectable), while new flows and the same flow
+/// in generic mode are redirected.
+#[test]
+fn flows_that_cannot_redirect_skip_the_fib_lookup_afterwards() -> anyhow::Result<()> {
+    use lb_common::{
+        IFACE_F_GENERIC, IFACE_F_REDIRECT_OK, NAT_F_STACK, R_FWD_PASS, R_FWD_REDIRECT,
+    };
+    const XDP_REDIRECT: u32 = 4;
+    let ns = FibNetns::new()?;
+    ns.enter(|| {
+        let (in0, out0) = (ifindex("in0")?, ifindex("out0")?);
+        for (client, vip, be, unrouted, no_neigh) in [
+            (
+                V4.client,
+                V4.vip,
+                IpAddr::V4(FIB_BACKEND_V4),
+                IpAddr::V4(Ipv4Addr::new(198, 19, 201, 10)),
+                IpAddr::V4(Ipv4Addr::new(198, 18, 200, 11)),
+            ),
+            (
+                V6.client,
+                V6.vip,
+                IpAddr::V6(FIB_BACKEND_V6),
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x201, 0, 0, 0, 0, 0x10)),
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 0x11)),
+            ),
+        ] {
+            for proto in [PROTO_TCP, PROTO_UDP] {
+                let ctxt = format!("stack mark {} {client}", proto_name(proto));
+                let mut fx = Fixture::new("stackmark")?;
+                fx.service(31, vip, VIP_PORT, proto, &[(be, BE_PORT)])?;
+                let frame = |sport| build(proto, client, vip, sport, VIP_PORT);
+                let key = |sport| flow(client, vip, sport, VIP_PORT, proto);
+
+                // Native ingress, egress without REDIRECT_OK: passed, and the flow marked.
+                set_iface(&mut fx, in0, 0)?;
+                fx.run_expect_on(PROG_EDGE, &frame(42_000)?, in0, XDP_PASS, R_FWD_PASS)
+                    .context(ctxt.clone())?;
+                let ct = fx
+                    .ct(&key(42_000))?
+                    .ok_or_else(|| anyhow!("{ctxt}: no CT"))?;
+                ensure!(
+                    ct.flags & NAT_F_STACK != 0,
+                    "{ctxt}: flow not marked: {ct:?}"
+                );
+
+                // The egress takes redirects now. The marked flow is not looked up again
+                // (untouched but for the NAT), a new flow is redirected and not marked.
+                set_iface(&mut fx, out0, IFACE_F_REDIRECT_OK)?;
+                let d = decode(
+                    &fx.run_expect_on(PROG_EDGE, &frame(42_000)?, in0, XDP_PASS, R_FWD_PASS)
+                        .context(ctxt.clone())?,
+                )?;
+                ensure!(
+                    d.dst == be && d.ttl == 64 && d.dst_mac == NODE_MAC,
+                    "{ctxt}: marked flow: {} ttl {} mac {:02x?}",
+                    d.dst,
+                    d.ttl,
+                    d.dst_mac
+                );
+                fx.run_expect_on(
+                    PROG_EDGE,
+                    &frame(42_001)?,
+                    in0,
+                    XDP_REDIRECT,
+                    R_FWD_REDIRECT,
+                )
+                .context(ctxt.clone())?;
+                let ct = fx
+                    .ct(&key(42_001))?
+                    .ok_or_else(|| anyhow!("{ctxt}: no CT"))?;
+                ensure!(
+                    ct.flags & NAT_F_STACK == 0,
+                    "{ctxt}: redirected flow marked"
+                );
+
+                // Generic mode can redirect into anything: the mark does not apply.
+                set_iface(&mut fx, in0, IFACE_F_GENERIC)?;
+                fx.run_expect_on(
+                    PROG_EDGE,
+                    &frame(42_000)?,
+                    in0,
+                    XDP_REDIRECT,
+                    R_FWD_REDIRECT,
+                )
+                .context(ctxt.clone())?;
+                set_iface(&mut fx, in0, 0)?;
+
+                // No route to the backend: the route rules a redirect out, remembered.
+                // A backend on the link whose neighbour is unknown may be redirectable
+                // once it is resolved: not remembered.
+                for (svc_id, backend, marked) in [(32, unrouted, true), (33, no_neigh, false)] {
+                    let vip2 = if client.is_ipv4() { V4.other } else { V6.other };
+                    let port = 1_000 + svc_id as u16;
+                    fx.service(svc_id, vip2, port, proto, &[(backend, BE_PORT)])?;
+                    let f = build(proto, client, vip2, 42_002, port)?;
+                    fx.run_expect_on(PROG_EDGE, &f, in0, XDP_PASS, R_FWD_PASS)
+                        .context(ctxt.clone())?;
+                    let ct = fx
+                        .ct(&flow(client, vip2, 42_002, port, proto))?
+                        .ok_or_else(|| anyhow!("{ctxt}: no CT"))?;
+                    ensure!(
+                        (ct.flags & NAT_F_STACK != 0) == marked,
+                        "{ctxt}: backend {backend}: flags {:#x}",
+                        ct.flags
+                    );
+                }
             }
         }
         Ok(())

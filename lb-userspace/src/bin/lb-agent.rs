@@ -99,9 +99,10 @@ struct Args {
     /// Distinct backends (address, port) over all services.
     #[arg(long, default_value_t = lb_common::MAX_BACKENDS, value_parser = capacity(1))]
     max_backends: u32,
-    /// Maglev slots of all service ports together: each port takes the smallest prime at
-    /// least max(101, 100 x its endpoints) (1,009 for 10 endpoints); 8 bytes of kernel
-    /// memory a slot (array values are rounded up to 8).
+    /// Maglev slots of all service ports together: each port (and family) takes the
+    /// smallest size of the ladder 101, 211, 431, 863, ... (primes, each about twice the
+    /// last) with at least 20 slots per endpoint (211 for 10 endpoints; 1 for a single
+    /// endpoint); 8 bytes of kernel memory a slot (array values are rounded up to 8).
     #[arg(
         long,
         default_value_t = lb_common::MAGLEV_SLOTS,

@@ -23,9 +23,11 @@
 //! path in turn (starting at another one each round), so the shared machine's noise hits
 //! all of them alike, and every ratio is taken within a round.
 
-use super::common::{progress, Bench, InNetns, Summary, PROG_NOOP};
+use super::common::{
+    baseline_versions, install, progress, ratio_per_round, round_order, Bench, InNetns, Installed,
+    NodeLb, Rounds, Summary, PROG_NOOP,
+};
 use super::kubeproxy::Plan;
-use crate::e2e;
 use crate::netns::{self, Topology};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::maps::{Array, PerCpuArray};
@@ -213,34 +215,11 @@ pub struct ForwardResults {
     points: Vec<Point>,
 }
 
-struct Config {
-    services: Vec<usize>,
-    rounds: usize,
-    seconds: f64,
-}
-
-fn config(quick: bool) -> Config {
-    if quick {
-        Config {
-            services: vec![1, 1_000],
-            rounds: 1,
-            seconds: 0.4,
-        }
-    } else {
-        Config {
-            services: vec![1, 1_000, 10_000],
-            rounds: 3,
-            seconds: 1.0,
-        }
-    }
-}
-
-/// One path's topology and what runs in it. Fields drop in order: the agent stops before
-/// its pins go, and both before the namespaces are deleted.
+/// One path's topology and what runs in it. Fields drop in order: the agent and its pins
+/// go before the namespaces are deleted.
 struct Setup {
     path: Path,
-    agent: Option<e2e::Agent>,
-    pin: Option<e2e::PinDir>,
+    lb: Installed,
     topo: Topology,
     /// The generator's veth (in the client namespace).
     client_ifindex: u32,
@@ -297,69 +276,59 @@ fn build(bench: &mut Bench, path: Path, plan: &Plan) -> Result<Setup> {
     for pod in topo.pods.clone() {
         attach(bench, PROG_COUNT, &pod.ns, "eth0")?;
     }
-    let mut plan = plan.clone();
-    plan.pods = topo.pods.iter().map(|p| (p.v4, p.name.clone())).collect();
-    let (mut agent, mut pin) = (None, None);
-    match path {
-        Path::Ceiling => attach(bench, PROG_REDIRECT, &node, &edge)?,
-        Path::Iptables => {
-            attach(bench, PROG_NOOP, &node, &edge)?;
-            let file = topo.dir.join("iptables.rules");
-            std::fs::write(&file, plan.iptables()).context("writing iptables rules")?;
-            netns::run(netns::in_ns(&node, "iptables-restore").arg(&file))
-                .context("iptables-restore of kube-proxy's rules")?;
+    let lb = match path {
+        Path::Ceiling => {
+            attach(bench, PROG_REDIRECT, &node, &edge)?;
+            Installed::default()
         }
-        Path::Nftables => {
+        Path::Iptables | Path::Nftables => {
             attach(bench, PROG_NOOP, &node, &edge)?;
-            let file = topo.dir.join("nftables.rules");
-            std::fs::write(&file, plan.nftables()).context("writing nftables rules")?;
-            netns::run(netns::in_ns(&node, "nft").arg("-f").arg(&file))
-                .context("nft -f of kube-proxy's table")?;
-        }
-        Path::XdplbRedirect | Path::XdplbGeneric | Path::XdplbStack => {
-            let services = topo.dir.join("services.yaml");
-            e2e::write_services(&services, &plan.specs())?;
-            let p = e2e::PinDir::new(&topo)?;
-            let extra: &[&str] = if path == Path::XdplbGeneric {
-                // Generic XDP gives the edge veth no NAPI; GRO does.
-                netns::ns_run(&node, &["ethtool", "-K", &edge, "gro", "on"])?;
-                &["--xdp-mode", "generic"]
+            let rules = if path == Path::Iptables {
+                NodeLb::Iptables
             } else {
-                &[]
+                NodeLb::Nftables
             };
-            let a = e2e::Agent::start(&topo, &services, &p.0, extra)?;
-            if path == Path::XdplbRedirect {
-                let mut ifaces = Ifaces::open_pinned(&p.0).context("opening IFACES")?;
-                let pods: Vec<_> = ifaces
-                    .list()?
-                    .into_iter()
-                    .filter(|e| e.role == IFACE_ROLE_POD)
-                    .collect();
-                ensure!(
-                    pods.len() == topo.pods.len(),
-                    "the agent attached {} pod interfaces, not {}",
-                    pods.len(),
-                    topo.pods.len()
-                );
-                for e in pods {
-                    ifaces.set(
-                        e.ifindex,
-                        lb_common::IfaceInfo {
-                            role: e.role,
-                            flags: e.flags | IFACE_F_REDIRECT_OK,
-                        },
-                    )?;
-                }
-            }
-            agent = Some(a);
-            pin = Some(p);
+            install(&topo, plan, rules)?
+        }
+        Path::XdplbGeneric => {
+            // Generic XDP gives the edge veth no NAPI; GRO does.
+            netns::ns_run(&node, &["ethtool", "-K", &edge, "gro", "on"])?;
+            install(&topo, plan, NodeLb::Agent(&["--xdp-mode", "generic"]))?
+        }
+        Path::XdplbRedirect | Path::XdplbStack => install(&topo, plan, NodeLb::Agent(&[]))?,
+    };
+    if path == Path::XdplbRedirect {
+        let pin = lb
+            .pin
+            .as_ref()
+            .ok_or_else(|| anyhow!("the agent left no pin directory"))?;
+        let mut ifaces = Ifaces::open_pinned(&pin.0).context("opening IFACES")?;
+        let pods: Vec<_> = ifaces
+            .list()?
+            .into_iter()
+            .filter(|e| e.role == IFACE_ROLE_POD)
+            .collect();
+        ensure!(
+            pods.len() == topo.pods.len(),
+            "the agent attached {} pod interfaces, not {}",
+            pods.len(),
+            topo.pods.len()
+        );
+        for e in pods {
+            ifaces.set(
+                e.ifindex,
+                lb_common::IfaceInfo {
+                    role: e.role,
+                    flags: e.flags | IFACE_F_REDIRECT_OK,
+                },
+            )?;
         }
     }
     let mut pod_host_ifindex = Vec::new();
     for pod in &topo.pods {
         pod_host_ifindex.push(ifindex(&node, &pod.host_iface)?);
     }
-    let reasons_before = match &pin {
+    let reasons_before = match &lb.pin {
         Some(p) => reasons(&p.0)?,
         None => Vec::new(),
     };
@@ -370,8 +339,7 @@ fn build(bench: &mut Bench, path: Path, plan: &Plan) -> Result<Setup> {
     let client_ifindex = ifindex(&topo.client, &topo.client_iface)?;
     Ok(Setup {
         path,
-        agent,
-        pin,
+        lb,
         topo,
         client_ifindex,
         client_mac,
@@ -490,34 +458,15 @@ fn measure(
     Ok((got as f64 / secs, sent as f64 / secs))
 }
 
-fn versions() -> (String, String) {
-    let first_line = |cmd: &str, arg: &str| {
-        std::process::Command::new(cmd)
-            .arg(arg)
-            .output()
-            .ok()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_string()
-            })
-            .unwrap_or_else(|| format!("{cmd}: not found"))
-    };
-    (first_line("iptables", "-V"), first_line("nft", "-v"))
-}
-
 pub fn run(quick: bool) -> Result<ForwardResults> {
-    let c = config(quick);
+    let c = Rounds::new(quick, (1, 0.4), (3, 1.0));
     let mut bench = Bench::load("fwd")?;
     for p in [PROG_GEN, PROG_REDIRECT, PROG_COUNT] {
         xdp(&mut bench, p)?
             .load()
             .with_context(|| format!("verifier rejected {p}"))?;
     }
-    let (iptables_version, nft_version) = versions();
+    let (iptables_version, nft_version) = baseline_versions();
     let mut points = Vec::new();
     for &services in &c.services {
         let hot = HOT.min(services);
@@ -546,10 +495,7 @@ pub fn run(quick: bool) -> Result<ForwardResults> {
                 bail!(
                     "{}: no frame reached the pods during the warm-up{}",
                     s.path.label(),
-                    s.agent
-                        .as_ref()
-                        .map(|a| format!("; agent output:\n{}", a.log_text()))
-                        .unwrap_or_default()
+                    s.lb.agent_log()
                 );
             }
         }
@@ -563,8 +509,7 @@ pub fn run(quick: bool) -> Result<ForwardResults> {
                 c.rounds
             ));
             for (t, traffic) in TRAFFIC.iter().enumerate() {
-                for k in 0..setups.len() {
-                    let i = (k + round) % setups.len();
+                for i in round_order(setups.len(), round) {
                     let secs = match traffic {
                         Traffic::Established => c.seconds,
                         Traffic::NewFlows => NEW_FLOWS_SECONDS,
@@ -578,30 +523,17 @@ pub fn run(quick: bool) -> Result<ForwardResults> {
         let idx = |p: Path| PATHS.iter().position(|x| *x == p).unwrap_or(0);
         let (ipt, ceil) = (idx(Path::Iptables), idx(Path::Ceiling));
         let figures = |t: usize, i: usize| -> Result<Figures> {
-            let ratio = |base: usize| -> Result<Summary> {
-                let r: Vec<f64> = pps[t][i]
-                    .iter()
-                    .zip(&pps[t][base])
-                    .map(|(a, b)| a / b)
-                    .collect();
-                Summary::of(&r)
-            };
-            let share: Vec<f64> = pps[t][i]
-                .iter()
-                .zip(&sent[t][i])
-                .map(|(a, b)| a / b)
-                .collect();
             Ok(Figures {
                 pps: Summary::of(&pps[t][i])?,
                 sent_pps: Summary::of(&sent[t][i])?,
-                delivered_share: Summary::of(&share)?,
-                vs_iptables: ratio(ipt)?,
-                vs_ceiling: ratio(ceil)?,
+                delivered_share: ratio_per_round(&pps[t][i], &sent[t][i])?,
+                vs_iptables: ratio_per_round(&pps[t][i], &pps[t][ipt])?,
+                vs_ceiling: ratio_per_round(&pps[t][i], &pps[t][ceil])?,
             })
         };
         let mut paths = Vec::new();
         for (i, s) in setups.iter().enumerate() {
-            let reasons = match &s.pin {
+            let reasons = match &s.lb.pin {
                 Some(p) if s.path.is_xdplb() => reasons(&p.0)?
                     .into_iter()
                     .zip(&s.reasons_before)

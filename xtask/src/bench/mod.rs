@@ -91,26 +91,33 @@ pub fn run(
             }
         }
         let env = report::Env::collect(root)?;
-        if matches!(suite, Suite::Prog | Suite::All) {
-            let res = prog::run(quick).context("bench prog")?;
-            let path = report::write_json(root, &env, "prog", quick, &res)?;
-            eprintln!("bench prog: wrote {}", path.display());
+        // Runs one suite if selected and writes its JSON; the time each takes is printed
+        // because `bench all` has a budget (15 min, `--quick` 3 min).
+        fn one<R: serde::Serialize>(
+            root: &Path,
+            env: &report::Env,
+            (selected, this): (Suite, Suite),
+            quick: bool,
+            run: fn(bool) -> Result<R>,
+        ) -> Result<()> {
+            if selected != this && selected != Suite::All {
+                return Ok(());
+            }
+            let name = this.as_str();
+            let t = std::time::Instant::now();
+            let res = run(quick).with_context(|| format!("bench {name}"))?;
+            let path = report::write_json(root, env, name, quick, &res)?;
+            eprintln!(
+                "bench {name}: wrote {} ({:.0} s)",
+                path.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
         }
-        if matches!(suite, Suite::Forward | Suite::All) {
-            let res = forward::run(quick).context("bench forward")?;
-            let path = report::write_json(root, &env, "forward", quick, &res)?;
-            eprintln!("bench forward: wrote {}", path.display());
-        }
-        if matches!(suite, Suite::Tcp | Suite::All) {
-            let res = tcp::run(quick).context("bench tcp")?;
-            let path = report::write_json(root, &env, "tcp", quick, &res)?;
-            eprintln!("bench tcp: wrote {}", path.display());
-        }
-        if matches!(suite, Suite::Sync | Suite::All) {
-            let res = sync::run(quick).context("bench sync")?;
-            let path = report::write_json(root, &env, "sync", quick, &res)?;
-            eprintln!("bench sync: wrote {}", path.display());
-        }
+        one(root, &env, (suite, Suite::Prog), quick, prog::run)?;
+        one(root, &env, (suite, Suite::Forward), quick, forward::run)?;
+        one(root, &env, (suite, Suite::Tcp), quick, tcp::run)?;
+        one(root, &env, (suite, Suite::Sync), quick, sync::run)?;
         let doc = report::write_docs(root)?;
         eprintln!("bench: regenerated {}", doc.display());
         Ok(())
@@ -199,6 +206,7 @@ pub fn smoke(root: &Path, run_cmd: fn(&mut Command) -> Result<()>) -> Result<()>
         for f in figures(suite) {
             check_figure(&v["results"], f, suite, &mut missing);
         }
+        check_members(&v["results"], suite, &mut missing);
     }
     if !dir.join("benchmarks.md").is_file() {
         missing.push("benchmarks.md was not generated".into());
@@ -216,11 +224,15 @@ pub fn smoke(root: &Path, run_cmd: fn(&mut Command) -> Result<()>) -> Result<()>
 fn figures(suite: &str) -> &'static [&'static str] {
     match suite {
         "prog" => &[
+            "points.*.capacities.frontends",
+            "points.*.capacities.maglev_slots",
             "points.*.noop.p50",
             "points.*.noop_repeat.p50",
             "points.*.cases.*.ns.p50",
             "points.*.cases.*.ratio.p50",
             "points.*.cases.*.ratio_net.p50",
+            "points.*.cases.*.vs_first_point.p50",
+            "points.*.cases.*.vs_first_point_ci.*",
         ],
         "forward" => &[
             "points.*.paths.*.established.pps.p50",
@@ -234,7 +246,18 @@ fn figures(suite: &str) -> &'static [&'static str] {
             "points.*.paths.*.conns_per_s.p50",
             "points.*.paths.*.latency_us.p50",
             "points.*.paths.*.latency_us.p99",
+            "points.*.paths.*.p50_per_round_us.p50",
+            "points.*.paths.*.p99_per_round_us.p50",
+            "points.*.paths.*.p50_vs_iptables.p10",
             "points.*.paths.*.p50_vs_iptables.p50",
+            "points.*.paths.*.p50_vs_iptables.p90",
+            "points.*.paths.*.p99_vs_iptables.p50",
+            "points.*.paths.*.rate_vs_iptables.p50",
+            "points.*.paths.*.p50_vs_nftables.p50",
+            "points.*.paths.*.p99_vs_nftables.p50",
+            "points.*.paths.*.rate_vs_nftables.p50",
+            "points.*.paths.*.p50_vs_first_point.p10",
+            "points.*.paths.*.p50_vs_first_point.p90",
         ],
         "sync" => &[
             "churn.change_ms.p99",
@@ -246,6 +269,52 @@ fn figures(suite: &str) -> &'static [&'static str] {
             "sized_syncs.*.service_maps_bytes",
         ],
         _ => &[],
+    }
+}
+
+/// The paths `bench forward` measures (their JSON names), in the page's order.
+pub const FORWARD_PATHS: [&str; 6] = [
+    "ceiling",
+    "xdplb_redirect",
+    "xdplb_generic",
+    "xdplb_stack",
+    "iptables",
+    "nftables",
+];
+
+/// The paths `bench tcp` measures (their JSON names), in the page's order.
+pub const TCP_PATHS: [&str; 3] = ["xdplb", "iptables", "nftables"];
+
+/// What every point of a suite must hold: (array under the point, its naming field, the
+/// names), so that a path or case that silently went missing fails the smoke test too.
+fn members(suite: &str) -> &'static [(&'static str, &'static str, &'static [&'static str])] {
+    match suite {
+        "prog" => &[(
+            "cases",
+            "case",
+            &["miss", "new_flow", "established", "reply"],
+        )],
+        "forward" => &[("paths", "path", &FORWARD_PATHS)],
+        "tcp" => &[("paths", "path", &TCP_PATHS)],
+        _ => &[],
+    }
+}
+
+fn check_members(results: &serde_json::Value, suite: &str, missing: &mut Vec<String>) {
+    let points = results["points"]
+        .as_array()
+        .map_or(&[][..], |a| a.as_slice());
+    for (i, p) in points.iter().enumerate() {
+        for (array, field, names) in members(suite) {
+            for name in *names {
+                let found = p[*array]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x[*field] == *name));
+                if !found {
+                    missing.push(format!("{suite}.points[{i}].{array}: no {name}"));
+                }
+            }
+        }
     }
 }
 
@@ -280,7 +349,20 @@ fn check_figure(v: &serde_json::Value, path: &str, at: &str, missing: &mut Vec<S
 
 #[cfg(test)]
 mod smoke_tests {
-    use super::check_figure;
+    use super::{check_figure, check_members};
+
+    #[test]
+    fn a_missing_path_is_reported() {
+        let v = serde_json::json!({"points": [{"paths": [
+            {"path": "xdplb"}, {"path": "iptables"}
+        ]}]});
+        let mut missing = Vec::new();
+        check_members(&v, "tcp", &mut missing);
+        assert_eq!(
+            missing,
+            vec!["tcp.points[0].paths: no nftables".to_string()]
+        );
+    }
 
     #[test]
     fn figures_are_checked_in_every_element() {

@@ -1,7 +1,9 @@
-//! `bench prog`: nanoseconds per packet of the real `xdp_edge` through BPF_PROG_TEST_RUN,
+//! `bench prog`: nanoseconds per packet of the real programs through BPF_PROG_TEST_RUN,
 //! next to `xdp_noop` measured in the same run, for a miss, a new flow, an established
-//! flow and a reply, IPv4 and IPv6, while the maps hold more and more services and
-//! endpoints (written by the real reconciler).
+//! flow (`xdp_edge`, where clients' packets arrive) and a reply (`xdp_pod`, where
+//! backends' answers arrive), IPv4 and IPv6, while the maps hold more and more services
+//! and endpoints (written by the real reconciler). Every point is loaded with capacities
+//! sized for its state, as `lb-agent --max-*` would be for that cluster.
 //!
 //! Every call runs one repetition (`repeat = 1`) and the kernel's `duration` (the
 //! program's own run time, timer overhead included) is the sample: with `repeat > 1` the
@@ -11,24 +13,24 @@
 //! measures the program without that overhead, so it can also be taken out (`ratio_net`).
 
 use super::common::{
-    client_v4, client_v6, desired, frontends, non_vip_v4, non_vip_v6, progress, vip_v4, vip_v6,
-    Bench, Shape, Summary, PROG_NOOP, VIP_PORT,
+    capacities_for, client_v4, client_v6, desired, frontends, median_ci, non_vip_v4, non_vip_v6,
+    progress, ratio_per_round, round_order, vip_v4, vip_v6, Bench, CapacitiesOut, Shape, Summary,
+    PROG_NOOP, VIP_PORT,
 };
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::programs::Xdp;
 use aya::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
-use lb_common::{
-    MAGLEV_SLOTS, MAX_FRONTENDS, PROG_EDGE, REASON_NAMES, R_FWD_PASS, R_PASS_NOT_SERVICE,
-    R_RNAT_PASS,
-};
+use lb_common::{PROG_EDGE, PROG_POD, REASON_NAMES, R_FWD_PASS, R_PASS_NOT_SERVICE, R_RNAT_PASS};
+use lb_userspace::loader::Capacities;
 use serde::Serialize;
 use std::net::IpAddr;
 use std::time::Instant;
 
 const XDP_PASS: u32 = 2;
-/// BPF_PROG_TEST_RUN on loopback: IFACES has no entry for it, so the program treats it as
-/// an edge interface without redirecting, and the verdict of forwarded packets is PASS.
+/// BPF_PROG_TEST_RUN on loopback: IFACES has no entry for it, so both programs treat it
+/// as an interface that is neither a veth nor generic and cannot redirect, and the verdict
+/// of forwarded packets is PASS (a real pod veth would add the partial-checksum check).
 const INGRESS_IFINDEX: u32 = 1;
 const CLIENT_PORT: u16 = 40_000;
 /// Repetitions of the no-op's overhead-free measurement (it never writes the packet, so
@@ -42,6 +44,17 @@ enum Case {
     NewFlow,
     Established,
     Reply,
+}
+
+impl Case {
+    /// The entry point the case's packets arrive at on a node: clients' packets on the
+    /// edge, backends' answers on their pod's veth.
+    fn program(self) -> &'static str {
+        match self {
+            Case::Miss | Case::NewFlow | Case::Established => PROG_EDGE,
+            Case::Reply => PROG_POD,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
@@ -62,6 +75,12 @@ struct CaseResult {
     /// Per run, with the per-call timer overhead (no-op at repeat = 1 minus no-op at
     /// repeat = NOOP_REPEAT) taken out of both: (case - overhead) / no-op(repeat).
     ratio_net: Summary,
+    /// Per run: this case's ratio to the no-op / the same case's ratio at the first point
+    /// of the sweep, in the same run: how flat the case is across the sweep.
+    vs_first_point: Summary,
+    /// ~95% confidence interval of `vs_first_point`'s median (what flatness is judged on:
+    /// single runs are noisier than the ±10% asked for, the median over runs is not).
+    vs_first_point_ci: [f64; 2],
 }
 
 #[derive(Serialize)]
@@ -70,6 +89,8 @@ struct Point {
     sweep: &'static str,
     shape: Shape,
     frontends: usize,
+    /// The map sizes the point was loaded with (`lb-agent --max-*`).
+    capacities: CapacitiesOut,
     maglev_table_size: u32,
     maglev_slots_used: u64,
     /// Wall time of the reconciler's first apply of this state.
@@ -86,7 +107,8 @@ pub struct ProgResults {
     runs: usize,
     calls_per_run: usize,
     method: &'static str,
-    limits: Vec<String>,
+    /// Program each case runs through.
+    programs: Vec<(Case, &'static str)>,
     points: Vec<Point>,
 }
 
@@ -104,27 +126,25 @@ fn config(quick: bool) -> Config {
         endpoints: 1,
     };
     let e = |endpoints| Shape {
-        // 8 service ports: the probe's two tables plus 7 others of 100,003 slots at 1,000
-        // endpoints fill 900,027 of the 1,048,576 MAGLEV slots; 10 would not fit.
         services: 8,
         frontends_per_service: 1,
         endpoints,
     };
-    // The largest point fills SERVICES: 8,191 service ports with 8 frontends each plus the
-    // probe's 2 make 65,530 of MAX_FRONTENDS = 65,536 entries.
-    let max = s(8_192, 8);
+    // One frontend per service port: 100,000 service ports are 100,001 SERVICES entries,
+    // more than the 65,530 of the largest point of the default capacities (8,192 × 8), so
+    // that point would add nothing.
     if quick {
         Config {
             runs: 5,
             calls: 300,
-            services: vec![s(1, 1), s(10_000, 1)],
+            services: vec![s(1, 1), s(100_000, 1)],
             endpoints: vec![e(1000)],
         }
     } else {
         Config {
             runs: 21,
             calls: 3_000,
-            services: vec![s(1, 1), s(100, 1), s(10_000, 1), max],
+            services: vec![s(1, 1), s(100, 1), s(10_000, 1), s(100_000, 1)],
             endpoints: vec![e(1), e(10), e(100), e(1000)],
         }
     }
@@ -164,8 +184,8 @@ pub fn run(quick: bool) -> Result<ProgResults> {
     let n = live.len();
     for r in 0..total_runs {
         // Each run starts at another point, so no point always comes first.
-        for k in 0..n {
-            let l = &mut live[(k + r) % n];
+        for k in round_order(n, r) {
+            let l = &mut live[k];
             one_run(l, r, cfg.calls, r > 0)
                 .with_context(|| format!("run {r} of point {:?}", l.shape))?;
         }
@@ -174,9 +194,17 @@ pub fn run(quick: bool) -> Result<ProgResults> {
         }
     }
     let mut points = Vec::with_capacity(live.len());
-    for l in live {
+    // Per point and case, the per-run ratios to the no-op; a sweep's first point is its
+    // reference for flatness (points are in sweep order).
+    let ratios: Vec<Vec<Vec<f64>>> = live.iter().map(per_run_ratios).collect();
+    let firsts: Vec<usize> = live
+        .iter()
+        .map(|l| live.iter().position(|x| x.sweep == l.sweep).unwrap_or(0))
+        .collect();
+    for (k, l) in live.into_iter().enumerate() {
         let shape = l.shape;
-        let p = finish(l, total_runs, cfg.calls).with_context(|| format!("point {shape:?}"))?;
+        let p = finish(l, total_runs, cfg.calls, &ratios[firsts[k]])
+            .with_context(|| format!("point {shape:?}"))?;
         eprintln!(
             "bench prog: {} service ports, {} frontends, {} endpoints each",
             shape.services, p.frontends, shape.endpoints
@@ -202,19 +230,12 @@ pub fn run(quick: bool) -> Result<ProgResults> {
         calls_per_run: cfg.calls,
         method: "BPF_PROG_TEST_RUN, repeat=1 per call, kernel-reported duration; \
                  per run the mean over calls_per_run calls; median and p10/p90 over runs; \
-                 ratio per run against xdp_noop measured in the same run",
-        limits: vec![
-            format!(
-                "MAX_FRONTENDS = {MAX_FRONTENDS}: the largest services point has 65,530 \
-                 frontends (8,192 service ports, 8 frontends each); 100,000 do not fit"
-            ),
-            format!(
-                "MAGLEV_SLOTS = {MAGLEV_SLOTS}: at least 101 slots per service port, so at \
-                 most {} service ports with endpoints; 1,000 endpoints (100,003 slots) fit \
-                 for at most 10 tables",
-                MAGLEV_SLOTS / 101
-            ),
-        ],
+                 ratio per run against xdp_noop measured in the same run; every point \
+                 loaded with capacities sized for its state (+10%), flow tables at their \
+                 defaults",
+        programs: [Case::Miss, Case::NewFlow, Case::Established, Case::Reply]
+            .map(|c| (c, c.program()))
+            .to_vec(),
         points,
     })
 }
@@ -395,6 +416,7 @@ const CASES: [(Case, Family); 8] = [
 struct Live {
     sweep: &'static str,
     shape: Shape,
+    caps: Capacities,
     b: Bench,
     f4: Frames,
     f6: Frames,
@@ -408,8 +430,9 @@ struct Live {
 
 /// Loads the object, applies the point's state and builds its packets for `total_runs`.
 fn setup(sweep: &'static str, shape: Shape, total_runs: usize, calls: usize) -> Result<Live> {
-    let mut b = Bench::load("prog")?;
     let (state, _) = desired(shape);
+    let caps = capacities_for(&state);
+    let mut b = Bench::load_with("prog", &caps)?;
     progress(format!("reconciling {} service ports", shape.services));
     let apply_ms = b.apply(&state)?;
     let flows = total_runs * calls;
@@ -421,6 +444,7 @@ fn setup(sweep: &'static str, shape: Shape, total_runs: usize, calls: usize) -> 
     Ok(Live {
         sweep,
         shape,
+        caps,
         b,
         f4,
         f6,
@@ -435,7 +459,6 @@ fn setup(sweep: &'static str, shape: Shape, total_runs: usize, calls: usize) -> 
 
 /// Run `r` of one point: the no-op, then every case, `calls` calls each.
 fn one_run(l: &mut Live, r: usize, calls: usize, keep: bool) -> Result<()> {
-    let edge = l.b.prog(PROG_EDGE)?;
     let noop = l.b.prog(PROG_NOOP)?;
     // The baseline runs on the same frame as the established case, right before the
     // cases, so a slow phase of the machine shows in both.
@@ -449,14 +472,13 @@ fn one_run(l: &mut Live, r: usize, calls: usize, keep: bool) -> Result<()> {
     let mut means = Vec::with_capacity(CASES.len());
     for (case, fam) in CASES {
         let f = if fam == Family::Ipv4 { &l.f4 } else { &l.f6 };
-        means.push(match case {
-            Case::Miss => measure(edge, std::slice::from_ref(&f.miss), calls, XDP_PASS)?,
-            Case::NewFlow => measure(edge, &f.new[r * calls..(r + 1) * calls], calls, XDP_PASS)?,
-            Case::Established => {
-                measure(edge, std::slice::from_ref(&f.established), calls, XDP_PASS)?
-            }
-            Case::Reply => measure(edge, std::slice::from_ref(&f.reply), calls, XDP_PASS)?,
-        });
+        let frames = match case {
+            Case::Miss => std::slice::from_ref(&f.miss),
+            Case::NewFlow => &f.new[r * calls..(r + 1) * calls],
+            Case::Established => std::slice::from_ref(&f.established),
+            Case::Reply => std::slice::from_ref(&f.reply),
+        };
+        means.push(measure(l.b.prog(case.program())?, frames, calls, XDP_PASS)?);
     }
     if keep {
         l.noop_ns.push(n1);
@@ -468,8 +490,16 @@ fn one_run(l: &mut Live, r: usize, calls: usize, keep: bool) -> Result<()> {
     Ok(())
 }
 
-/// Checks that the packets took the paths they are named after and summarises.
-fn finish(l: Live, total_runs: usize, calls: usize) -> Result<Point> {
+/// Per case, each kept run's mean over the no-op's of the same run.
+fn per_run_ratios(l: &Live) -> Vec<Vec<f64>> {
+    l.ns.iter()
+        .map(|ns| ns.iter().zip(&l.noop_ns).map(|(c, n)| c / n).collect())
+        .collect()
+}
+
+/// Checks that the packets took the paths they are named after and summarises;
+/// `first` are the per-run ratios of the sweep's first point (flatness).
+fn finish(l: Live, total_runs: usize, calls: usize, first: &[Vec<f64>]) -> Result<Point> {
     let after = reasons(&l.b)?;
     let per_case = (total_runs * calls * 2) as u64;
     let mut want = vec![0u64; after.len()];
@@ -506,9 +536,10 @@ fn finish(l: Live, total_runs: usize, calls: usize) -> Result<Point> {
     );
 
     let mut results = Vec::new();
+    let own = per_run_ratios(&l);
     for (i, (case, family)) in CASES.iter().enumerate() {
         let ns = &l.ns[i];
-        let ratios: Vec<f64> = ns.iter().zip(&l.noop_ns).map(|(c, n)| c / n).collect();
+        let ratios = &own[i];
         let net: Vec<f64> = (0..ns.len())
             .map(|r| (ns[r] - (l.noop_ns[r] - l.noop_rep[r])) / l.noop_rep[r])
             .collect();
@@ -516,8 +547,16 @@ fn finish(l: Live, total_runs: usize, calls: usize) -> Result<Point> {
             case: *case,
             family: *family,
             ns: Summary::of(ns)?,
-            ratio: Summary::of(&ratios)?,
+            ratio: Summary::of(ratios)?,
             ratio_net: Summary::of(&net)?,
+            vs_first_point: ratio_per_round(ratios, &first[i])?,
+            vs_first_point_ci: median_ci(
+                &ratios
+                    .iter()
+                    .zip(&first[i])
+                    .map(|(a, b)| a / b)
+                    .collect::<Vec<_>>(),
+            )?,
         });
     }
     let table = lb_userspace::maglev::table_size(l.shape.endpoints);
@@ -525,6 +564,7 @@ fn finish(l: Live, total_runs: usize, calls: usize) -> Result<Point> {
         sweep: l.sweep,
         shape: l.shape,
         frontends: frontends(l.shape),
+        capacities: CapacitiesOut::from(&l.caps),
         maglev_table_size: table,
         maglev_slots_used: u64::from(table) * (l.shape.services as u64 + 1),
         apply_ms: l.apply_ms,

@@ -1,5 +1,5 @@
 //! `bench tcp`: real TCP through a VIP with short connections, xdplb against kube-proxy's
-//! iptables path: connections per second and request latency (p50, p99).
+//! iptables and nftables paths: connections per second and request latency (p50, p99).
 //!
 //! Each path has its own topology (client → node → two pods running nginx). The client is
 //! this process: `CLIENT_THREADS` threads, each moved into the client namespace, each
@@ -8,13 +8,22 @@
 //! exchange: two round trips through the load balancer, the SYN being a new flow each time.
 //! An answer that is not `200` from one of the pods counts as an error.
 //!
+//! Every point's topologies (every service count × every path) are built before measuring,
+//! and each round measures all of them in turn, so a noisy phase of the shared machine hits
+//! every path and every service count alike: the ratios against iptables and nftables and
+//! the flatness across service counts are all taken within a round, and their spread over
+//! rounds (p10–p90) is what the targets are judged against.
+//!
 //! xdplb runs as shipped (`--xdp-mode auto`): native XDP on the edge, pass to the stack
 //! towards the pods, reverse NAT of the answers in `xdp_pod` (generic) redirected out of
-//! the edge. kube-proxy's path is the iptables-restore of its chains (`kubeproxy.rs`).
+//! the edge. kube-proxy's paths are its iptables-restore chains and its nftables table
+//! (`kubeproxy.rs`), the same as `bench forward`'s, with TCP.
 
-use super::common::{progress, InNetns, Summary};
+use super::common::{
+    baseline_versions, install, progress, ratio_per_round, round_order, InNetns, Installed, NodeLb,
+    Rounds, Summary,
+};
 use super::kubeproxy::Plan;
-use crate::e2e;
 use crate::netns::{self, Topology, POD_HTTP_PORT};
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
@@ -38,21 +47,31 @@ fn client_src(j: usize) -> Ipv4Addr {
 pub enum Path {
     Xdplb,
     Iptables,
+    Nftables,
 }
 
-pub const PATHS: [Path; 2] = [Path::Xdplb, Path::Iptables];
+pub const PATHS: [Path; 3] = [Path::Xdplb, Path::Iptables, Path::Nftables];
 
 impl Path {
     pub fn label(self) -> &'static str {
         match self {
             Path::Xdplb => "xdplb (default mode)",
             Path::Iptables => "kube-proxy iptables",
+            Path::Nftables => "kube-proxy nftables",
         }
     }
     fn tag(self) -> &'static str {
         match self {
             Path::Xdplb => "tx",
             Path::Iptables => "ti",
+            Path::Nftables => "tn",
+        }
+    }
+    fn lb(self) -> NodeLb<'static> {
+        match self {
+            Path::Xdplb => NodeLb::Agent(&[]),
+            Path::Iptables => NodeLb::Iptables,
+            Path::Nftables => NodeLb::Nftables,
         }
     }
 }
@@ -65,10 +84,25 @@ struct PathResult {
     conns_per_s: Summary,
     /// Latency of every exchange of every round, microseconds.
     latency_us: Summary,
+    /// This path's median latency of each round (µs), summarised over rounds.
+    p50_per_round_us: Summary,
+    /// This path's 99th percentile of each round (µs), summarised over rounds.
+    p99_per_round_us: Summary,
     /// Per round: this path's median latency / iptables' of the same round.
     p50_vs_iptables: Summary,
+    /// Per round: this path's p99 latency / iptables' of the same round.
+    p99_vs_iptables: Summary,
     /// Per round: this path's connections/s / iptables' of the same round.
     rate_vs_iptables: Summary,
+    /// Per round: this path's median latency / nftables' of the same round.
+    p50_vs_nftables: Summary,
+    /// Per round: this path's p99 latency / nftables' of the same round.
+    p99_vs_nftables: Summary,
+    /// Per round: this path's connections/s / nftables' of the same round.
+    rate_vs_nftables: Summary,
+    /// Per round: this path's median latency / the same path's at the first (smallest)
+    /// service count, measured in the same round: how flat the path is.
+    p50_vs_first_point: Summary,
     errors: u64,
 }
 
@@ -85,36 +119,16 @@ pub struct TcpResults {
     seconds_per_run: f64,
     client_threads: usize,
     hot_services: usize,
+    iptables_version: String,
+    nft_version: String,
     points: Vec<Point>,
 }
 
-struct Config {
-    services: Vec<usize>,
-    rounds: usize,
-    seconds: f64,
-}
-
-fn config(quick: bool) -> Config {
-    if quick {
-        Config {
-            services: vec![1, 1_000],
-            rounds: 1,
-            seconds: 0.5,
-        }
-    } else {
-        Config {
-            services: vec![1, 1_000, 10_000],
-            rounds: 4,
-            seconds: 1.5,
-        }
-    }
-}
-
-/// Fields drop in order: the agent stops before its pins go, both before the namespaces.
+/// One path of one point. Fields drop in order: the agent and its pins go before the
+/// namespaces.
 struct Setup {
     path: Path,
-    agent: Option<e2e::Agent>,
-    _pin: Option<e2e::PinDir>,
+    lb: Installed,
     topo: Topology,
 }
 
@@ -127,14 +141,11 @@ fn build(path: Path, plan: &Plan) -> Result<Setup> {
     // the client's ports are free again at once: after DNAT every VIP leads to the same two
     // pod addresses, so a client port comes back to a pod within seconds, and a SYN that
     // meets its old TIME_WAIT is sometimes answered with an ACK instead of a SYN-ACK (a
-    // one-second retransmission on the client). Both paths suffered it alike; without
+    // one-second retransmission on the client). Every path suffered it alike; without
     // TIME_WAIT buckets in the pods the measurement is of the load balancer again.
     for pod in &topo.pods {
         netns::sysctl(&pod.ns, "net.ipv4.tcp_max_tw_buckets", "0")?;
     }
-    let mut plan = plan.clone();
-    plan.pods = topo.pods.iter().map(|p| (p.v4, p.name.clone())).collect();
-    let node = topo.node.clone();
     // One client address per hot VIP (see `exchange`).
     for j in 0..plan.hot {
         netns::ip(&[
@@ -147,28 +158,12 @@ fn build(path: Path, plan: &Plan) -> Result<Setup> {
             &topo.client_iface,
         ])?;
     }
-    let (mut agent, mut pin) = (None, None);
-    match path {
-        Path::Iptables => {
-            let file = topo.dir.join("iptables.rules");
-            std::fs::write(&file, plan.iptables()).context("writing iptables rules")?;
-            netns::run(netns::in_ns(&node, "iptables-restore").arg(&file))
-                .context("iptables-restore of kube-proxy's rules")?;
-        }
-        Path::Xdplb => {
-            let services = topo.dir.join("services.yaml");
-            e2e::write_services(&services, &plan.specs())?;
-            let p = e2e::PinDir::new(&topo)?;
-            agent = Some(e2e::Agent::start(&topo, &services, &p.0, &[])?);
-            pin = Some(p);
-        }
-    }
-    Ok(Setup {
-        path,
-        agent,
-        _pin: pin,
-        topo,
-    })
+    // A client port left in TIME_WAIT (an exchange the client closed first, after an
+    // error) may be reused at once, so thousands of exchanges a second never run out of
+    // ports.
+    netns::sysctl(&topo.client, "net.ipv4.tcp_tw_reuse", "1")?;
+    let lb = install(&topo, plan, path.lb())?;
+    Ok(Setup { path, lb, topo })
 }
 
 fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
@@ -274,10 +269,15 @@ fn measure(s: &Setup, hot: usize, seconds: f64) -> Result<(f64, Vec<f64>, u64)> 
 }
 
 pub fn run(quick: bool) -> Result<TcpResults> {
-    let c = config(quick);
-    let mut points = Vec::new();
+    // An odd number of rounds, so the median round is one of them.
+    let c = Rounds::new(quick, (2, 0.4), (7, 1.5));
+    let (iptables_version, nft_version) = baseline_versions();
+    // Every (point, path), point-major: setup `p * PATHS.len() + k` is path k of point p.
+    let mut setups = Vec::new();
+    let mut hots = Vec::new();
     for &services in &c.services {
         let hot = HOT.min(services);
+        hots.push(hot);
         let plan = Plan {
             services,
             hot,
@@ -287,86 +287,110 @@ pub fn run(quick: bool) -> Result<TcpResults> {
             pods: Vec::new(),
         };
         progress(format!(
-            "tcp: {services} service port(s): building topologies"
+            "tcp: {services} service port(s): building {} topologies",
+            PATHS.len()
         ));
-        let mut setups = Vec::new();
         for path in PATHS {
             crate::bench::check_interrupt()?;
-            let s = build(path, &plan).with_context(|| path.label())?;
-            // The client's SYNs to a VIP leave through the node; answer-less runs mean a
-            // broken path, not a slow one.
-            netns::sysctl(&s.topo.client, "net.ipv4.tcp_tw_reuse", "1")?;
+            let s = build(path, &plan)
+                .with_context(|| format!("{} at {services} service ports", path.label()))?;
             setups.push(s);
         }
-        for s in &setups {
-            let (rate, _, errors) = measure(s, hot, 0.3)?;
-            if rate <= 0.0 {
-                bail!(
-                    "{}: no exchange succeeded during the warm-up ({errors} errors){}",
+    }
+    let hot_of = |i: usize| hots[i / PATHS.len()];
+    // The client's SYNs to a VIP leave through the node; answer-less runs mean a broken
+    // path, not a slow one.
+    for (i, s) in setups.iter().enumerate() {
+        let (rate, _, errors) = measure(s, hot_of(i), 0.3)?;
+        if rate <= 0.0 {
+            bail!(
+                "{}: no exchange succeeded during the warm-up ({errors} errors){}",
+                s.path.label(),
+                s.lb.agent_log()
+            );
+        }
+    }
+    let n = setups.len();
+    let mut rates = vec![Vec::new(); n];
+    let mut p50s = vec![Vec::new(); n];
+    let mut p99s = vec![Vec::new(); n];
+    let mut lats = vec![Vec::new(); n];
+    let mut errs = vec![0u64; n];
+    for round in 0..c.rounds {
+        progress(format!("tcp: round {}/{}", round + 1, c.rounds));
+        for i in round_order(n, round) {
+            let s = &setups[i];
+            let (rate, lat, e) = measure(s, hot_of(i), c.seconds)?;
+            let sum = Summary::of(&lat).with_context(|| {
+                format!(
+                    "{} at {} service ports: no exchange succeeded in round {} ({e} errors)",
                     s.path.label(),
-                    s.agent
-                        .as_ref()
-                        .map(|a| format!("; agent output:\n{}", a.log_text()))
-                        .unwrap_or_default()
-                );
-            }
+                    c.services[i / PATHS.len()],
+                    round + 1
+                )
+            })?;
+            rates[i].push(rate);
+            p50s[i].push(sum.p50);
+            p99s[i].push(sum.p99);
+            lats[i].extend(lat);
+            errs[i] += e;
         }
-        let n = setups.len();
-        let mut rates = vec![Vec::new(); n];
-        let mut p50s = vec![Vec::new(); n];
-        let mut lats = vec![Vec::new(); n];
-        let mut errs = vec![0u64; n];
-        for round in 0..c.rounds {
-            progress(format!(
-                "tcp: {services} service port(s), round {}/{}",
-                round + 1,
-                c.rounds
-            ));
-            for k in 0..n {
-                let i = (k + round) % n;
-                let (rate, lat, e) = measure(&setups[i], hot, c.seconds)?;
-                rates[i].push(rate);
-                p50s[i].push(Summary::of(&lat)?.p50);
-                lats[i].extend(lat);
-                errs[i] += e;
-            }
-        }
-        let ipt = PATHS.iter().position(|p| *p == Path::Iptables).unwrap_or(0);
+    }
+    let at = |point: usize, p: Path| {
+        point * PATHS.len() + PATHS.iter().position(|x| *x == p).unwrap_or(0)
+    };
+    let mut points = Vec::new();
+    for (pi, &services) in c.services.iter().enumerate() {
+        let (ipt, nft) = (at(pi, Path::Iptables), at(pi, Path::Nftables));
         let mut paths = Vec::new();
-        for (i, s) in setups.iter().enumerate() {
-            let ratio = |v: &Vec<Vec<f64>>| -> Result<Summary> {
-                let r: Vec<f64> = v[i].iter().zip(&v[ipt]).map(|(a, b)| a / b).collect();
-                Summary::of(&r)
-            };
+        for path in PATHS {
+            let i = at(pi, path);
             paths.push(PathResult {
-                path: s.path,
-                label: s.path.label(),
+                path,
+                label: path.label(),
                 conns_per_s: Summary::of(&rates[i])?,
                 latency_us: Summary::of(&lats[i])?,
-                p50_vs_iptables: ratio(&p50s)?,
-                rate_vs_iptables: ratio(&rates)?,
+                p50_per_round_us: Summary::of(&p50s[i])?,
+                p99_per_round_us: Summary::of(&p99s[i])?,
+                p50_vs_iptables: ratio_per_round(&p50s[i], &p50s[ipt])?,
+                p99_vs_iptables: ratio_per_round(&p99s[i], &p99s[ipt])?,
+                rate_vs_iptables: ratio_per_round(&rates[i], &rates[ipt])?,
+                p50_vs_nftables: ratio_per_round(&p50s[i], &p50s[nft])?,
+                p99_vs_nftables: ratio_per_round(&p99s[i], &p99s[nft])?,
+                rate_vs_nftables: ratio_per_round(&rates[i], &rates[nft])?,
+                p50_vs_first_point: ratio_per_round(&p50s[i], &p50s[at(0, path)])?,
                 errors: errs[i],
             });
         }
         for p in &paths {
             eprintln!(
                 "    {:>6} services  {:24} {:>7.0} conn/s  p50 {:>6.0} µs  p99 {:>6.0} µs  \
-                 {} errors",
-                services, p.label, p.conns_per_s.p50, p.latency_us.p50, p.latency_us.p99, p.errors
+                 p50 x{:.2} iptables x{:.2} nftables x{:.2} at 1st point  {} errors",
+                services,
+                p.label,
+                p.conns_per_s.p50,
+                p.latency_us.p50,
+                p.latency_us.p99,
+                p.p50_vs_iptables.p50,
+                p.p50_vs_nftables.p50,
+                p.p50_vs_first_point.p50,
+                p.errors
             );
         }
         points.push(Point {
             services,
-            hot,
+            hot: hots[pi],
             paths,
         });
-        drop(setups);
     }
+    drop(setups);
     Ok(TcpResults {
         rounds: c.rounds,
         seconds_per_run: c.seconds,
         client_threads: CLIENT_THREADS,
         hot_services: HOT,
+        iptables_version,
+        nft_version,
         points,
     })
 }
