@@ -2,17 +2,20 @@
 //! otherwise hand the rewritten packet to the kernel stack.
 
 use crate::{
-    maps::{FIB_SCRATCH, IFACES},
+    maps::{FIB_SCRATCH, IFACES, NEIGH},
     parse::{be16, be16_bytes, be32, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Pkt},
 };
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     programs::XdpContext,
     EbpfContext,
 };
 use core::mem::size_of;
-use lb_common::{csum::replace16, NatEntry, IFACE_F_GENERIC, IFACE_F_REDIRECT_OK, NAT_F_STACK};
+use lb_common::{
+    csum::replace16, NatEntry, NeighEntry, NeighKey, IFACE_F_GENERIC, IFACE_F_REDIRECT_OK,
+    NAT_F_STACK, NEIGH_TTL_NS,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -65,6 +68,53 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Out {
     if native && (p.partial || e.flags & NAT_F_STACK != 0) {
         return pass;
     }
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    // The IP total length: the FIB checks it against the route's MTU.
+    let len = if p.v6 {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, p.l3()) else {
+            return pass;
+        };
+        be16(unsafe { (*ip).payload_len }).saturating_add(40)
+    } else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, p.l3()) else {
+            return pass;
+        };
+        be16(unsafe { (*ip).tot_len })
+    };
+
+    // The next-hop cache (NEIGH): a successful lookup's answer for this destination and
+    // ingress, used for NEIGH_TTL_NS (1 s) instead of looking up again. What the FIB
+    // answer depends on and the cache does not follow at once:
+    // - a route or neighbour change, or a pod replaced under the same address (new veth,
+    //   new MAC): followed when the entry expires, so for at most 1 s packets go to the
+    //   old next hop (the old pod's veth is gone: they are lost, as they would be while
+    //   the neighbour entry is re-resolved);
+    // - the egress losing IFACE_F_REDIRECT_OK (agent reconfigured): likewise within 1 s;
+    // - the packet size: `max_len` bounds what the MTU check passed, a longer packet is
+    //   looked up again;
+    // - the source address and ports (source-policy routing, ECMP hashing): the key holds
+    //   the destination only, so for 1 s every flow to it takes the next hop found for
+    //   the first (docs/architecture.md, "Known limits").
+    // Failed lookups are not cached: they pass to the stack, and flows whose route or
+    // egress rules redirects out are remembered in their own entry (NAT_F_STACK).
+    // The entry is read in place, as CT entries are: an LRU map reuses a replaced element
+    // at once, so a packet racing other CPUs' refresh and insert could read an element
+    // already rewritten for another destination: one packet misdirected, never a flow.
+    let key = NeighKey {
+        addr: e.new_dst,
+        ifindex: ingress,
+    };
+    // The clock is read only when there is an entry to check or to write: a destination
+    // that cannot be redirected costs the cache one lookup that misses, nothing more.
+    if let Some(n) = unsafe { NEIGH.get(&key) } {
+        if unsafe { bpf_ktime_get_ns() } < n.expires_ns
+            && len <= n.max_len
+            && (!native || n.egress_flags & IFACE_F_REDIRECT_OK != 0)
+        {
+            return emit(ctx, p, n.egress, &n.smac, &n.dmac);
+        }
+    }
+
     // In a per-CPU map rather than on the stack: zeroing it there became a call to
     // `memset` (a loop in a BPF subprogram), whatever form the zeroing took.
     let Some(fib) = FIB_SCRATCH.get_ptr_mut(0) else {
@@ -75,23 +125,16 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Out {
     fib.l4_protocol = p.key.proto;
     fib.sport = e.new_sport_be;
     fib.dport = e.new_dport_be;
-    fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    fib.ifindex = ingress;
     fib.__bindgen_anon_2.flowinfo = 0;
     fib.__bindgen_anon_5.tbid = 0;
+    fib.__bindgen_anon_1.tot_len = len;
     if p.v6 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, p.l3()) else {
-            return pass;
-        };
         fib.family = AF_INET6;
-        fib.__bindgen_anon_1.tot_len = be16(unsafe { (*ip).payload_len }) + 40;
         fib.__bindgen_anon_3.ipv6_src = words(&e.new_src);
         fib.__bindgen_anon_4.ipv6_dst = words(&e.new_dst);
     } else {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, p.l3()) else {
-            return pass;
-        };
         fib.family = AF_INET;
-        fib.__bindgen_anon_1.tot_len = be16(unsafe { (*ip).tot_len });
         fib.__bindgen_anon_3.ipv6_src = [0, 0, 0, words(&e.new_src)[3]];
         fib.__bindgen_anon_4.ipv6_dst = [0, 0, 0, words(&e.new_dst)[3]];
         fib.__bindgen_anon_3.ipv4_src = words(&e.new_src)[3];
@@ -118,17 +161,39 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Out {
     }
     let egress = fib.ifindex;
     // Only native mode cares what the egress takes: no IFACES lookup for generic.
-    if native {
-        let egress_flags = IFACES
+    let egress_flags = if native {
+        let flags = IFACES
             .get_ptr(egress)
             .map(|i| unsafe { (*i).flags })
             .unwrap_or(0);
-        if egress_flags & IFACE_F_REDIRECT_OK == 0 {
+        if flags & IFACE_F_REDIRECT_OK == 0 {
             return Out::PassRemember;
         }
-    }
-    // Decrement TTL / hop limit as a router does; a packet about to expire goes to the
-    // stack, which sends the ICMP time-exceeded.
+        flags
+    } else {
+        0
+    };
+    let entry = NeighEntry {
+        expires_ns: unsafe { bpf_ktime_get_ns() } + NEIGH_TTL_NS,
+        egress,
+        egress_flags,
+        smac: fib.smac,
+        dmac: fib.dmac,
+        max_len: len,
+        _pad: 0,
+    };
+    // A failed insert (LRU full of entries being updated on other CPUs) costs the next
+    // packet a lookup, nothing else.
+    let _ = NEIGH.insert(&key, &entry, 0);
+    emit(ctx, p, egress, &fib.smac, &fib.dmac)
+}
+
+/// Decrements TTL / hop limit as a router does, writes the next hop's MACs and redirects
+/// out of `egress`. A packet about to expire goes to the stack, which sends the ICMP
+/// time-exceeded.
+#[inline(always)]
+fn emit(ctx: &XdpContext, p: &Pkt, egress: u32, smac: &[u8; 6], dmac: &[u8; 6]) -> Out {
+    let pass = Out::Pass;
     if p.v6 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, p.l3()) else {
             return pass;
@@ -156,8 +221,8 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Out {
     };
     unsafe {
         // copy_nonoverlapping: the assignment became a call to `memmove`.
-        core::ptr::copy_nonoverlapping(fib.dmac.as_ptr(), (*eth).dst.as_mut_ptr(), 6);
-        core::ptr::copy_nonoverlapping(fib.smac.as_ptr(), (*eth).src.as_mut_ptr(), 6);
+        core::ptr::copy_nonoverlapping(dmac.as_ptr(), (*eth).dst.as_mut_ptr(), 6);
+        core::ptr::copy_nonoverlapping(smac.as_ptr(), (*eth).src.as_mut_ptr(), 6);
     }
     Out::Redirect(unsafe { bpf_redirect(egress, 0) } as u32)
 }

@@ -12,8 +12,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counters, FlowKey, IfaceInfo, NameMeta, NatEntry,
-    ServiceKey, ServiceValue, SrcRangeData, VipInfo, MAGLEV_SLOTS, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_FLOWS, MAX_FRONTENDS, MAX_IFACES, MAX_SERVICES, MAX_SRC_RANGES, MAX_VIPS, NUM_REASONS,
+    NeighEntry, NeighKey, ServiceKey, ServiceValue, SrcRangeData, VipInfo, MAGLEV_SLOTS,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_FLOWS, MAX_FRONTENDS, MAX_IFACES, MAX_NEIGH, MAX_SERVICES,
+    MAX_SRC_RANGES, MAX_VIPS, NUM_REASONS,
 };
 
 #[map(name = "SERVICES")]
@@ -67,6 +68,12 @@ pub static SVC_META: HashMap<u32, NameMeta> = HashMap::pinned(MAX_SERVICES, 0);
 
 #[map(name = "BE_META")]
 pub static BE_META: HashMap<u32, NameMeta> = HashMap::pinned(MAX_BACKENDS, 0);
+
+/// Next-hop cache in front of bpf_fib_lookup (`forward.rs`, lb-common's `NeighEntry`).
+/// Not pinned, like the scratch maps below: its entries live a second, and an agent that
+/// starts with an empty cache only pays one lookup per destination.
+#[map(name = "NEIGH")]
+pub static NEIGH: LruHashMap<NeighKey, NeighEntry> = LruHashMap::with_max_entries(MAX_NEIGH, 0);
 
 /// Per-packet working state of the program (one slot per CPU, not pinned: it is no state
 /// worth keeping). It lives here because on the stack it pushed the program past the

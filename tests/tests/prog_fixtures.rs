@@ -14,10 +14,10 @@ use aya::{
 };
 use lb_common::{
     v4_mapped, AffinityKey, AffinityValue, Backend, Counters, FlowKey, IfaceInfo, NatEntry,
-    ServiceKey, ServiceValue, SrcRangeData, VipInfo, ALL_MAPS, BACKEND_F_ACTIVE, IFACE_F_VETH,
-    IFACE_ROLE_POD, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_IFACES, MAP_MAGLEV, MAP_REASONS,
-    MAP_RNAT, MAP_SERVICES, MAP_SRC_RANGES, MAP_SVC_STATS, MAP_VIPS, NAT_F_SNAT, NUM_REASONS,
-    PROG_EDGE, PROG_POD, PROTO_TCP, PROTO_UDP, REASON_NAMES,
+    NeighEntry, NeighKey, ServiceKey, ServiceValue, SrcRangeData, VipInfo, ALL_MAPS,
+    BACKEND_F_ACTIVE, IFACE_F_VETH, IFACE_ROLE_POD, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_IFACES,
+    MAP_MAGLEV, MAP_NEIGH, MAP_REASONS, MAP_RNAT, MAP_SERVICES, MAP_SRC_RANGES, MAP_SVC_STATS,
+    MAP_VIPS, NAT_F_SNAT, NUM_REASONS, PROG_EDGE, PROG_POD, PROTO_TCP, PROTO_UDP, REASON_NAMES,
 };
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -409,9 +409,20 @@ const CLIENT_PORT: u16 = 40_000;
 const PAYLOAD: &[u8] = b"GET / HTTP/1.1\r\nHost: xdplb\r\n\r\n";
 
 fn build(proto: u8, src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> anyhow::Result<Vec<u8>> {
+    build_with(proto, src, dst, sport, dport, PAYLOAD)
+}
+
+fn build_with(
+    proto: u8,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> anyhow::Result<Vec<u8>> {
     match proto {
-        PROTO_TCP => packet::tcp(src, dst, sport, dport, TcpKind::Data, PAYLOAD),
-        PROTO_UDP => packet::udp(src, dst, sport, dport, PAYLOAD),
+        PROTO_TCP => packet::tcp(src, dst, sport, dport, TcpKind::Data, payload),
+        PROTO_UDP => packet::udp(src, dst, sport, dport, payload),
         p => bail!("no builder for protocol {p}"),
     }
 }
@@ -1881,6 +1892,348 @@ fn flows_that_cannot_redirect_skip_the_fib_lookup_afterwards() -> anyhow::Result
                     );
                 }
             }
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The next-hop cache (NEIGH) in front of bpf_fib_lookup
+// ---------------------------------------------------------------------------------------
+
+const FIB_NEIGH_MAC2: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
+
+fn neigh(fx: &mut Fixture, addr: IpAddr, ingress: u32) -> anyhow::Result<Option<NeighEntry>> {
+    let m: HashMap<&MapData, NeighKey, NeighEntry> = HashMap::try_from(fx.map(MAP_NEIGH)?)?;
+    let key = NeighKey {
+        addr: key_addr(addr),
+        ifindex: ingress,
+    };
+    match m.get(&key, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).context("reading NEIGH"),
+    }
+}
+
+/// Gives `addr`'s neighbour on out0 the MAC `mac` (as a pod replaced under the same
+/// address would).
+fn set_neighbour(ns: &FibNetns, addr: IpAddr, mac: [u8; 6]) -> anyhow::Result<()> {
+    let mac = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    tests::netns::ip(&[
+        "-n",
+        &ns.name,
+        "neigh",
+        "replace",
+        &addr.to_string(),
+        "lladdr",
+        &mac,
+        "dev",
+        "out0",
+        "nud",
+        "permanent",
+    ])
+}
+
+/// Sleeps until the cached entry of `addr` has expired by the programs' clock.
+fn wait_expired(fx: &mut Fixture, addr: IpAddr, ingress: u32) -> anyhow::Result<()> {
+    let e = neigh(fx, addr, ingress)?.ok_or_else(|| anyhow!("no NEIGH entry for {addr}"))?;
+    let now = monotonic_ns()?;
+    if e.expires_ns >= now {
+        std::thread::sleep(std::time::Duration::from_nanos(
+            e.expires_ns - now + 10_000_000,
+        ));
+    }
+    ensure!(
+        monotonic_ns()? > e.expires_ns,
+        "clock did not pass the expiry"
+    );
+    Ok(())
+}
+
+/// A redirected packet's lookup is cached per (destination, ingress) for NEIGH_TTL_NS: the
+/// flow's next packets and other flows to the same backend get the cached MACs without a
+/// FIB lookup (observable: still the old MAC after the neighbour changed), and once the
+/// entry expired the new neighbour is looked up, used and cached.
+#[test]
+fn redirects_use_the_cached_next_hop_until_it_expires() -> anyhow::Result<()> {
+    use lb_common::{IFACE_F_REDIRECT_OK, NEIGH_TTL_NS, R_FWD_REDIRECT};
+    const XDP_REDIRECT: u32 = 4;
+    let ns = FibNetns::new()?;
+    let out0_mac = tests::netns::Topology::mac(&ns.name, "out0")?;
+    ns.enter(|| {
+        let (in0, out0) = (ifindex("in0")?, ifindex("out0")?);
+        for (client, vip, be) in [
+            (V4.client, V4.vip, IpAddr::V4(FIB_BACKEND_V4)),
+            (V6.client, V6.vip, IpAddr::V6(FIB_BACKEND_V6)),
+        ] {
+            let ctxt = format!("neigh cache {client}");
+            set_neighbour(&ns, be, FIB_NEIGH_MAC)?;
+            let mut fx = Fixture::new("neigh")?;
+            fx.service(34, vip, VIP_PORT, PROTO_TCP, &[(be, BE_PORT)])?;
+            set_iface(&mut fx, in0, 0)?;
+            set_iface(&mut fx, out0, IFACE_F_REDIRECT_OK)?;
+            let frame = |sport| build(PROTO_TCP, client, vip, sport, VIP_PORT);
+            let redirect = |fx: &mut Fixture, sport: u16, mac: [u8; 6], what: &str| {
+                let d = decode(&fx.run_expect_on(
+                    PROG_EDGE,
+                    &frame(sport)?,
+                    in0,
+                    XDP_REDIRECT,
+                    R_FWD_REDIRECT,
+                )?)?;
+                ensure!(
+                    d.dst == be && d.ttl == 63 && d.dst_mac == mac && d.src_mac == out0_mac,
+                    "{ctxt}: {what}: {} ttl {} MACs {:02x?} -> {:02x?}",
+                    d.dst,
+                    d.ttl,
+                    d.src_mac,
+                    d.dst_mac
+                );
+                assert_checksums(&d)
+            };
+
+            ensure!(
+                neigh(&mut fx, be, in0)?.is_none(),
+                "{ctxt}: cache not empty"
+            );
+            let before = monotonic_ns()?;
+            redirect(&mut fx, 43_000, FIB_NEIGH_MAC, "first packet")?;
+            let after = monotonic_ns()?;
+            let e = neigh(&mut fx, be, in0)?
+                .ok_or_else(|| anyhow!("{ctxt}: redirected but not cached"))?;
+            let ip_len = frame(43_000)?.len() as u16 - 14;
+            ensure!(
+                e.egress == out0
+                    && e.dmac == FIB_NEIGH_MAC
+                    && e.smac == out0_mac
+                    && e.egress_flags & IFACE_F_REDIRECT_OK != 0
+                    && e.max_len == ip_len,
+                "{ctxt}: entry {e:?}"
+            );
+            ensure!(
+                (before + NEIGH_TTL_NS..=after + NEIGH_TTL_NS).contains(&e.expires_ns),
+                "{ctxt}: expiry {} not 1 s after the packet ({before}..{after})",
+                e.expires_ns
+            );
+
+            // The neighbour's MAC changes (the pod was replaced): the entry is still used,
+            // by this flow and by a new one.
+            set_neighbour(&ns, be, FIB_NEIGH_MAC2)?;
+            redirect(&mut fx, 43_000, FIB_NEIGH_MAC, "cached, same flow")?;
+            redirect(&mut fx, 43_001, FIB_NEIGH_MAC, "cached, new flow")?;
+            ensure!(
+                neigh(&mut fx, be, in0)? == Some(e),
+                "{ctxt}: a cache hit rewrote the entry"
+            );
+
+            // Expired: looked up again, the new MAC used and cached with a new expiry.
+            wait_expired(&mut fx, be, in0)?;
+            redirect(&mut fx, 43_000, FIB_NEIGH_MAC2, "after expiry")?;
+            let e2 = neigh(&mut fx, be, in0)?
+                .ok_or_else(|| anyhow!("{ctxt}: entry gone after expiry"))?;
+            ensure!(
+                e2.dmac == FIB_NEIGH_MAC2 && e2.expires_ns > e.expires_ns,
+                "{ctxt}: refreshed entry {e2:?}"
+            );
+            redirect(&mut fx, 43_002, FIB_NEIGH_MAC2, "refreshed entry")?;
+        }
+        Ok(())
+    })
+}
+
+/// Nothing is cached that would not have been redirected: a lookup that fails (neighbour
+/// unknown) or finds an egress that takes no native redirects. And a cached entry changes
+/// none of the rules: VLAN-tagged and partial-checksum packets still go to the stack, an
+/// expiring TTL too, a packet longer than the MTU the lookup checked is looked up again,
+/// and an entry cached in generic mode (egress not redirectable natively) is not used by
+/// native packets.
+#[test]
+fn the_next_hop_cache_holds_only_redirects_and_keeps_the_rules() -> anyhow::Result<()> {
+    use lb_common::{
+        IFACE_F_GENERIC, IFACE_F_REDIRECT_OK, NAT_F_STACK, R_FWD_PASS, R_FWD_REDIRECT,
+    };
+    const XDP_REDIRECT: u32 = 4;
+    let ns = FibNetns::new()?;
+    ns.enter(|| {
+        let (in0, out0) = (ifindex("in0")?, ifindex("out0")?);
+        for (client, vip, be, no_neigh) in [
+            (
+                V4.client,
+                V4.vip,
+                IpAddr::V4(FIB_BACKEND_V4),
+                IpAddr::V4(Ipv4Addr::new(198, 18, 200, 12)),
+            ),
+            (
+                V6.client,
+                V6.vip,
+                IpAddr::V6(FIB_BACKEND_V6),
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 0x12)),
+            ),
+        ] {
+            let ctxt = format!("neigh rules {client}");
+            let mut fx = Fixture::new("neighrules")?;
+            fx.service(35, vip, VIP_PORT, PROTO_UDP, &[(be, BE_PORT)])?;
+            let vip2 = if client.is_ipv4() { V4.other } else { V6.other };
+            fx.service(36, vip2, VIP_PORT, PROTO_UDP, &[(no_neigh, BE_PORT)])?;
+            let frame = |sport| build(PROTO_UDP, client, vip, sport, VIP_PORT);
+
+            // Unknown neighbour: the lookup fails, the packet passes, nothing is cached,
+            // and once the neighbour is known the next packet is redirected and cached.
+            set_iface(&mut fx, in0, 0)?;
+            set_iface(&mut fx, out0, IFACE_F_REDIRECT_OK)?;
+            let f2 = build(PROTO_UDP, client, vip2, 44_000, VIP_PORT)?;
+            fx.run_expect_on(PROG_EDGE, &f2, in0, XDP_PASS, R_FWD_PASS)
+                .context(ctxt.clone())?;
+            ensure!(
+                neigh(&mut fx, no_neigh, in0)?.is_none(),
+                "{ctxt}: failed lookup cached"
+            );
+            set_neighbour(&ns, no_neigh, FIB_NEIGH_MAC)?;
+            fx.run_expect_on(PROG_EDGE, &f2, in0, XDP_REDIRECT, R_FWD_REDIRECT)
+                .context(ctxt.clone())?;
+            ensure!(
+                neigh(&mut fx, no_neigh, in0)?.is_some(),
+                "{ctxt}: redirect after the neighbour appeared not cached"
+            );
+
+            // An egress without REDIRECT_OK: passed (and the flow marked), not cached.
+            set_iface(&mut fx, out0, 0)?;
+            fx.run_expect_on(PROG_EDGE, &frame(44_001)?, in0, XDP_PASS, R_FWD_PASS)
+                .context(ctxt.clone())?;
+            ensure!(
+                neigh(&mut fx, be, in0)?.is_none(),
+                "{ctxt}: unredirectable egress cached"
+            );
+
+            // In generic mode that egress is fine: redirected and cached, but for generic
+            // packets only. A native packet of a new flow is looked up (and passed) as
+            // before, however fresh the entry.
+            set_iface(&mut fx, in0, IFACE_F_GENERIC)?;
+            fx.run_expect_on(
+                PROG_EDGE,
+                &frame(44_002)?,
+                in0,
+                XDP_REDIRECT,
+                R_FWD_REDIRECT,
+            )
+            .context(ctxt.clone())?;
+            let e = neigh(&mut fx, be, in0)?
+                .ok_or_else(|| anyhow!("{ctxt}: generic redirect not cached"))?;
+            ensure!(e.egress_flags == 0, "{ctxt}: generic entry {e:?}");
+            set_iface(&mut fx, in0, 0)?;
+            fx.run_expect_on(PROG_EDGE, &frame(44_003)?, in0, XDP_PASS, R_FWD_PASS)
+                .context(ctxt.clone())?;
+            let ct = fx
+                .ct(&flow(client, vip, 44_003, VIP_PORT, PROTO_UDP))?
+                .ok_or_else(|| anyhow!("{ctxt}: no CT"))?;
+            ensure!(
+                ct.flags & NAT_F_STACK != 0,
+                "{ctxt}: native flow through a generic entry not marked"
+            );
+
+            // A native entry. From here on, packets that must not be redirected meet a
+            // fresh entry for their destination.
+            set_iface(&mut fx, out0, IFACE_F_REDIRECT_OK)?;
+            fx.run_expect_on(
+                PROG_EDGE,
+                &frame(44_004)?,
+                in0,
+                XDP_REDIRECT,
+                R_FWD_REDIRECT,
+            )
+            .context(ctxt.clone())?;
+            let e = neigh(&mut fx, be, in0)?
+                .ok_or_else(|| anyhow!("{ctxt}: native redirect not cached"))?;
+            ensure!(
+                e.egress_flags & IFACE_F_REDIRECT_OK != 0,
+                "{ctxt}: native entry {e:?}"
+            );
+
+            // VLAN-tagged: to the stack, tag and TTL untouched.
+            let tagged = packet::vlan_tag(&frame(44_004)?, packet::ETH_P_8021Q, 42);
+            let d = decode(
+                &fx.run_expect_on(PROG_EDGE, &tagged, in0, XDP_PASS, R_FWD_PASS)
+                    .context(ctxt.clone())?,
+            )?;
+            ensure!(
+                d.vlan_ids == vec![42] && d.ttl == 64 && d.dst_mac == NODE_MAC,
+                "{ctxt}: tagged packet {d:?}"
+            );
+
+            // About to expire: to the stack, which sends time-exceeded.
+            let mut expiring = frame(44_004)?;
+            let l3 = packet::l3_offset(&expiring);
+            if client.is_ipv4() {
+                expiring[l3 + 8] = 1;
+                packet::fix_ipv4_checksum(&mut expiring);
+            } else {
+                expiring[l3 + 7] = 1;
+            }
+            let d = decode(
+                &fx.run_expect_on(PROG_EDGE, &expiring, in0, XDP_PASS, R_FWD_PASS)
+                    .context(ctxt.clone())?,
+            )?;
+            ensure!(d.ttl == 1, "{ctxt}: expiring packet's TTL changed");
+
+            // A partial checksum from a native veth stays an skb; in generic mode the
+            // entry is used.
+            set_iface(&mut fx, in0, IFACE_F_VETH)?;
+            let mut partial = frame(44_005)?;
+            let sum = decode(&partial)?.pseudo_header_sum();
+            let off = l4_off(&partial) + 6;
+            partial[off..off + 2].copy_from_slice(&sum.to_be_bytes());
+            let d = decode(
+                &fx.run_expect_on(PROG_POD, &partial, in0, XDP_PASS, R_FWD_PASS)
+                    .context(ctxt.clone())?,
+            )?;
+            ensure!(
+                d.ttl == 64 && d.l4_checksum_field() == d.pseudo_header_sum(),
+                "{ctxt}: partial packet mangled"
+            );
+            set_iface(&mut fx, in0, IFACE_F_VETH | IFACE_F_GENERIC)?;
+            let d = decode(
+                &fx.run_expect_on(PROG_POD, &partial, in0, XDP_REDIRECT, R_FWD_REDIRECT)
+                    .context(ctxt.clone())?,
+            )?;
+            ensure!(
+                d.ttl == 63 && d.dst_mac == FIB_NEIGH_MAC,
+                "{ctxt}: generic partial packet {d:?}"
+            );
+            set_iface(&mut fx, in0, 0)?;
+
+            // Longer than out0's MTU, which the cached lookup (of a short packet) did not
+            // check: looked up again, too big, to the stack (which fragments or sends
+            // packet-too-big). The entry stays as it was.
+            tests::netns::ip(&["-n", &ns.name, "link", "set", "out0", "mtu", "1280"])?;
+            let big = build_with(PROTO_UDP, client, vip, 44_006, VIP_PORT, &[0x5a; 1300])?;
+            let d = decode(
+                &fx.run_expect_on(PROG_EDGE, &big, in0, XDP_PASS, R_FWD_PASS)
+                    .context(ctxt.clone())?,
+            )?;
+            ensure!(
+                d.ttl == 64,
+                "{ctxt}: too-big packet rewritten for a redirect"
+            );
+            ensure!(
+                neigh(&mut fx, be, in0)? == Some(e),
+                "{ctxt}: entry changed by a failed lookup"
+            );
+            tests::netns::ip(&["-n", &ns.name, "link", "set", "out0", "mtu", "1500"])?;
+            // Within the MTU again but longer than the cached length: looked up, and
+            // cached with the new length.
+            let mid = build_with(PROTO_UDP, client, vip, 44_006, VIP_PORT, &[0x5a; 1000])?;
+            fx.run_expect_on(PROG_EDGE, &mid, in0, XDP_REDIRECT, R_FWD_REDIRECT)
+                .context(ctxt.clone())?;
+            let e3 = neigh(&mut fx, be, in0)?.ok_or_else(|| anyhow!("{ctxt}: entry gone"))?;
+            ensure!(
+                e3.max_len as usize == mid.len() - 14,
+                "{ctxt}: longer packet's lookup cached as {e3:?}"
+            );
         }
         Ok(())
     })

@@ -375,22 +375,49 @@ impl Summary {
     }
 }
 
-/// A distribution-free ~95% confidence interval of the median of `samples` (order
-/// statistics n/2 ± 0.98·√n, as in the sign test): how well the median is known, which
-/// narrows with more runs where the spread of single runs (p10–p90) does not.
+/// A distribution-free confidence interval of the median of `samples` with at least 95%
+/// coverage: the order statistics x(k) and x(n+1-k) with the largest k for which
+/// P(Binomial(n, 1/2) < k) ≤ 2.5% (the sign test's interval). It says how well the median
+/// is known and narrows as 1/√n with more runs, where the spread of single runs (p10–p90)
+/// does not. Below 6 samples no k qualifies and it is the whole range (coverage
+/// 1 − 2^(1−n), under 95%).
 pub fn median_ci(samples: &[f64]) -> Result<[f64; 2]> {
     ensure!(!samples.is_empty(), "no samples");
     let mut v = samples.to_vec();
     v.sort_by(f64::total_cmp);
-    let n = v.len() as f64;
-    let half = 0.98 * n.sqrt();
-    let lo = (n / 2.0 - half).floor().max(0.0) as usize;
-    let hi = ((n / 2.0 + half).ceil() as usize).min(v.len() - 1);
-    Ok([v[lo], v[hi]])
+    let n = v.len();
+    // In logs, so that 0.5^n does not underflow for many samples.
+    let mut ln_pmf = n as f64 * 0.5f64.ln();
+    let (mut cdf, mut k) = (0.0, 1);
+    for j in 0..n {
+        cdf += ln_pmf.exp();
+        if cdf > 0.025 {
+            break;
+        }
+        k = j + 1;
+        ln_pmf += ((n - j) as f64 / (j + 1) as f64).ln();
+    }
+    let k = k.min(n.div_ceil(2));
+    Ok([v[k - 1], v[n - k]])
+}
+
+/// Per-round ratios: their spread over rounds (`p10`…`p90`, flattened into the same JSON
+/// object as before) for the reader, and the ~95% confidence interval of their median
+/// ([`median_ci`]), which is what verdicts are decided on.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Ratio {
+    #[serde(flatten)]
+    pub spread: Summary,
+    pub ci_95: [f64; 2],
 }
 
 /// Per-round ratios `a[r] / b[r]` (both measured in the same round), summarised.
 pub fn ratio_per_round(a: &[f64], b: &[f64]) -> Result<Summary> {
+    Ok(ratio_with_ci(a, b)?.spread)
+}
+
+/// Per-round ratios `a[r] / b[r]`, summarised with the CI of their median.
+pub fn ratio_with_ci(a: &[f64], b: &[f64]) -> Result<Ratio> {
     ensure!(
         a.len() == b.len(),
         "{} rounds against {} rounds",
@@ -398,7 +425,17 @@ pub fn ratio_per_round(a: &[f64], b: &[f64]) -> Result<Summary> {
         b.len()
     );
     let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-    Summary::of(&r)
+    Ratio::of(&r)
+}
+
+impl Ratio {
+    /// Of ratios already taken per round.
+    pub fn of(ratios: &[f64]) -> Result<Self> {
+        Ok(Self {
+            spread: Summary::of(ratios)?,
+            ci_95: median_ci(ratios)?,
+        })
+    }
 }
 
 /// The order in which round `round` measures `n` setups: every one in turn, starting at
@@ -541,12 +578,28 @@ impl Drop for InNetns {
 
 #[cfg(test)]
 mod tests {
-    use super::{frontend_v4, median_ci, ratio_per_round, round_order, vip_v4, VIP_PORT};
+    use super::{
+        frontend_v4, median_ci, ratio_per_round, ratio_with_ci, round_order, vip_v4, VIP_PORT,
+    };
 
     #[test]
     fn median_ci_narrows_with_more_runs_and_covers_the_median() {
+        // n = 21: x(6)..x(16), P(Bin(21, 1/2) <= 5) = 1.3% a side (x(7) would be 3.9%).
         let v: Vec<f64> = (1..=21).map(f64::from).collect();
-        assert_eq!(median_ci(&v).ok(), Some([7.0, 16.0]));
+        assert_eq!(median_ci(&v).ok(), Some([6.0, 16.0]));
+        // n = 31: x(10)..x(22) (P(Bin(31, 1/2) <= 9) = 1.5%, <= 10 is 3.5%).
+        let v: Vec<f64> = (1..=31).map(f64::from).collect();
+        assert_eq!(median_ci(&v).ok(), Some([10.0, 22.0]));
+        // Too few samples for 95%: the whole range.
+        assert_eq!(median_ci(&[3.0, 1.0, 2.0]).ok(), Some([1.0, 3.0]));
+        assert_eq!(median_ci(&[4.0]).ok(), Some([4.0, 4.0]));
+        // Many samples: no underflow, and close to the normal approximation n/2 ± 0.98·√n.
+        let v: Vec<f64> = (1..=10_000).map(f64::from).collect();
+        let [lo, hi] = median_ci(&v).unwrap_or([0.0, 0.0]);
+        assert!(
+            (4_895.0..=4_905.0).contains(&lo) && (5_095.0..=5_105.0).contains(&hi),
+            "{lo}..{hi}"
+        );
         // Seven rounds: as wide as the samples (what the tcp suite's spread shows too).
         let v: Vec<f64> = (1..=7).map(f64::from).collect();
         assert_eq!(median_ci(&v).ok(), Some([1.0, 7.0]));
@@ -563,6 +616,8 @@ mod tests {
         assert_eq!(round_order(3, 5).collect::<Vec<_>>(), [2, 0, 1]);
         let r = ratio_per_round(&[2.0, 3.0], &[1.0, 2.0]).map(|s| (s.min, s.max));
         assert_eq!(r.ok(), Some((1.5, 2.0)));
+        let r = ratio_with_ci(&[2.0, 3.0, 4.0], &[1.0, 2.0, 1.0]).map(|s| s.ci_95);
+        assert_eq!(r.ok(), Some([1.5, 4.0]));
         assert!(ratio_per_round(&[1.0], &[1.0, 2.0]).is_err());
     }
 
