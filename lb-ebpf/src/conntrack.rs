@@ -78,6 +78,23 @@ pub fn tracked(key: &FlowKey) -> Tracked {
     }
 }
 
+/// The key of the packets that travel against `e`'s rewrite: a CT entry's reply tuple (as
+/// RNAT keys it), or an RNAT entry's forward tuple (as CT keys it).
+#[inline(always)]
+fn opposite_key(e: &NatEntry, proto: u8) -> FlowKey {
+    // `_pad` is set by zero_pad: a `[0; 3]` literal here became a call to `memset`.
+    let mut k = FlowKey {
+        src: e.new_dst,
+        dst: e.new_src,
+        sport_be: e.new_dport_be,
+        dport_be: e.new_sport_be,
+        proto,
+        _pad: [1; 3],
+    };
+    zero_pad(&mut k._pad);
+    k
+}
+
 /// Makes sure the reply entry of a tracked flow is the one this flow needs.
 ///
 /// xdplb does not SNAT, so two flows from the same client address and port to two
@@ -91,15 +108,7 @@ pub fn tracked(key: &FlowKey) -> Tracked {
 /// which `schedule` marks when one flow's reply entry replaces another's.
 #[inline(never)]
 pub fn ensure_reply(key: &FlowKey, e: &NatEntry) {
-    let mut rkey = FlowKey {
-        src: e.new_dst,
-        dst: e.new_src,
-        sport_be: e.new_dport_be,
-        dport_be: e.new_sport_be,
-        proto: key.proto,
-        _pad: [1; 3],
-    };
-    zero_pad(&mut rkey._pad);
+    let rkey = opposite_key(e, key.proto);
     if let Some(r) = RNAT.get_ptr(&rkey) {
         let r = unsafe { &*r };
         if r.new_src == key.dst
@@ -280,16 +289,7 @@ pub fn schedule(
     };
     // A rescheduled flow leaves the reply entry of its old backend behind.
     if let Some(old) = stale {
-        let mut okey = FlowKey {
-            src: old.new_dst,
-            dst: old.new_src,
-            sport_be: old.new_dport_be,
-            dport_be: old.new_sport_be,
-            proto: key.proto,
-            _pad: [1; 3],
-        };
-        zero_pad(&mut okey._pad);
-        let _ = RNAT.remove(okey);
+        let _ = RNAT.remove(&opposite_key(old, key.proto));
     }
     // UDP flows sharing a reply tuple (see `ensure_reply`): both are marked, the other
     // one through the entry being replaced, which names its client and frontend. TCP needs
@@ -298,16 +298,7 @@ pub fn schedule(
         if let Some(old) = RNAT.get_ptr(&rkey) {
             let old = unsafe { &*old };
             if old.new_src != key.dst || old.new_sport_be != key.dport_be {
-                let mut okey = FlowKey {
-                    src: old.new_dst,
-                    dst: old.new_src,
-                    sport_be: old.new_dport_be,
-                    dport_be: old.new_sport_be,
-                    proto: key.proto,
-                    _pad: [1; 3],
-                };
-                zero_pad(&mut okey._pad);
-                if let Some(c) = CT.get_ptr_mut(&okey) {
+                if let Some(c) = CT.get_ptr_mut(&opposite_key(old, key.proto)) {
                     unsafe { (*c).flags |= NAT_F_SHARED_REPLY };
                 }
                 fwd.flags |= NAT_F_SHARED_REPLY;
