@@ -131,9 +131,8 @@ mod prog {
         let syn = p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
         if !edge && !syn {
-            if let Some(e) = conntrack::reply(&p.key) {
-                iface(ctx, p);
-                return nat_and_forward(ctx, p, e, true, bytes, false);
+            if let Some(verdict) = as_reply(ctx, p, bytes) {
+                return verdict;
             }
         }
 
@@ -141,9 +140,8 @@ mod prog {
             // Replies of flows whose backend is elsewhere (or of hairpin flows) can reach
             // an edge too.
             if edge && !syn {
-                if let Some(e) = conntrack::reply(&p.key) {
-                    iface(ctx, p);
-                    return nat_and_forward(ctx, p, e, true, bytes, false);
+                if let Some(verdict) = as_reply(ctx, p, bytes) {
+                    return verdict;
                 }
             }
             return v(XDP_PASS, R_PASS_NOT_SERVICE);
@@ -156,9 +154,8 @@ mod prog {
         // which one host's stack cannot use as a client flow and a backend's reply at
         // once: one entry is left over from an ended flow, and neither order knows which.
         if edge && !syn && !matches!(tracked, Tracked::Live(_)) {
-            if let Some(e) = conntrack::reply(&p.key) {
-                iface(ctx, p);
-                return nat_and_forward(ctx, p, e, true, bytes, false);
+            if let Some(verdict) = as_reply(ctx, p, bytes) {
+                return verdict;
             }
         }
         // Every packet, not only new flows: removing a range cuts its live flows too, as
@@ -188,6 +185,14 @@ mod prog {
             },
         };
         nat_and_forward(ctx, p, e, false, bytes, new_flow)
+    }
+
+    /// Reverse-NATs and forwards the packet if RNAT knows it as a backend's reply.
+    #[inline(always)]
+    fn as_reply(ctx: &XdpContext, p: &mut Pkt, bytes: u64) -> Option<Verdict> {
+        let e = conntrack::reply(&p.key)?;
+        iface(ctx, p);
+        Some(nat_and_forward(ctx, p, e, true, bytes, false))
     }
 
     /// Fills in what the ingress interface tells about the packet. Only packets that will
