@@ -17,3 +17,20 @@ pub mod translate;
 
 /// The compiled XDP object (lb-ebpf), built by this crate's build script.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// `e` and its sources on one line (`error: cause: cause`), the form every log line and
+/// error message of the agent uses. Some errors (kube's among them) embed their source's
+/// text in their own message, so a source already contained in the line is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cur = c.source();
+    }
+    msg
+}

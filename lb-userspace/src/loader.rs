@@ -21,6 +21,7 @@ use lb_common::{
     MAX_SRC_RANGES, MAX_VIPS, PROG_EDGE, PROG_POD, SOCK_NETNS_GLOBAL, SOCK_PROGRAMS,
 };
 
+use crate::error_chain;
 use crate::maps::{Ifaces, LbMaps, MapError};
 use crate::reconciler::Limits;
 
@@ -1215,18 +1216,6 @@ fn sock_mut<'a>(
             program,
             source: Box::new(source),
         })
-}
-
-/// `error: cause: cause` on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use lb_userspace::loader::{self, error_chain, Attacher, IfaceEvent, ModeChoice};
+use lb_userspace::error_chain;
+use lb_userspace::loader::{self, Attacher, IfaceEvent, ModeChoice};
 use lb_userspace::model::{DesiredState, NodeSettings};
 use lb_userspace::ops::{Ops, SyncOutcome};
 use lb_userspace::reconciler::{ApplyStats, ReconcileError, Reconciler};
@@ -301,7 +302,7 @@ fn log_events(events: Vec<IfaceEvent>) {
 
 /// Applies a state; failures of single services are logged, map errors returned. The
 /// flag is false when some service ports kept their previous state.
-fn apply<W: lb_userspace::reconciler::MapWriter>(
+fn apply<W: lb_userspace::maps::MapWriter>(
     rec: &mut Reconciler<W>,
     state: &DesiredState,
 ) -> Result<(ApplyStats, bool), ReconcileError> {

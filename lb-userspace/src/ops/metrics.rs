@@ -99,19 +99,19 @@ pub fn read_maps(pin_dir: &Path) -> MapReadings {
                         })
                         .collect();
                 }
-                Err(e) => out.errors.push(crate::loader::error_chain(&e)),
+                Err(e) => out.errors.push(crate::error_chain(&e)),
             }
             match maps.reasons() {
                 Ok(r) => out.reasons = r,
-                Err(e) => out.errors.push(crate::loader::error_chain(&e)),
+                Err(e) => out.errors.push(crate::error_chain(&e)),
             }
         }
-        Err(e) => out.errors.push(crate::loader::error_chain(&e)),
+        Err(e) => out.errors.push(crate::error_chain(&e)),
     }
     for (name, what) in COUNTED {
         match count_pinned(&pin_dir.join(name), what) {
             Ok(f) => out.fills.push((name, f)),
-            Err(e) => out.errors.push(crate::loader::error_chain(&e)),
+            Err(e) => out.errors.push(crate::error_chain(&e)),
         }
     }
     out.fills.sort_by_key(|(name, _)| *name);

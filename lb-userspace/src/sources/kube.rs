@@ -45,6 +45,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use super::{Object, ObjectStore, Update};
+use crate::error_chain;
 use crate::model::{DesiredState, NodeSettings, ServicePortId};
 use crate::translate::{
     self, FrontendConflict, NodeInfo, ObjectKind, ObjectRef, TranslateError, Translation,
@@ -675,22 +676,6 @@ impl Cache {
         };
         (t, changed)
     }
-}
-
-/// `e` and its sources on one line. kube's errors embed their source's text in their own
-/// message, so a source already contained in the line is not repeated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        cur = c.source();
-    }
-    msg
 }
 
 /// Services, EndpointSlices and Nodes from the Kubernetes API.

@@ -18,7 +18,10 @@ use lb_common::{
 };
 
 use crate::model::Prefix;
-use crate::reconciler::{MapSnapshot, MapWriter};
+
+pub mod fake;
+mod writer;
+pub use writer::{MapSnapshot, MapWriter};
 
 /// A failed map operation, naming the map and the key.
 #[derive(Debug, thiserror::Error)]
