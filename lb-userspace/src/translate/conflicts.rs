@@ -1,6 +1,6 @@
 //! Frontends claimed by several service ports: SERVICES has one entry per (address,
 //! port, protocol), so each contested frontend goes to one claimant, chosen
-//! deterministically (see [`resolve_conflicts`]).
+//! deterministically (see `resolve_conflicts`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

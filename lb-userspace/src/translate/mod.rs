@@ -71,8 +71,8 @@
 //! - `endpoints`: EndpointSlices: validation, listing and classifying endpoints;
 //! - `conflicts`: frontends claimed by several service ports;
 //! - `node`: [`NodeInfo`] and validating a Node;
-//! - `fields`, `object`, `error`: reading single field values, naming objects, and
-//!   [`TranslateError`].
+//! - `fields`, `error`, `object`: reading single field values, [`TranslateError`], and
+//!   naming objects.
 
 mod conflicts;
 mod endpoints;
@@ -123,7 +123,9 @@ pub fn translate<'a, 'b>(
 /// The desired state and the frontend conflicts resolved on the way.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Translation {
+    /// What the maps should hold.
     pub state: DesiredState,
+    /// One entry per service port that lost a frontend to another: for the source to log.
     pub conflicts: Vec<FrontendConflict>,
 }
 

@@ -1,6 +1,6 @@
 //! Services: validating one, the warnings that skip part of one, and what its ports
 //! share when they are translated (frontend addresses, the node addresses of its
-//! families for NodePorts, and the options of [`super::policy`]).
+//! families for NodePorts, and the options of `policy`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
