@@ -1,0 +1,207 @@
+//! Kubernetes objects (`v1/Service`, `discovery.k8s.io/v1/EndpointSlice`, `v1/Node`) to
+//! the desired state, with kube-proxy's semantics (1.28+). Both the file source and the
+//! Kubernetes API source feed the same `k8s-openapi` types through this module, so they
+//! cannot disagree. This comment is the specification; each rule has a test in `tests/`.
+//!
+//! The node: a source resolves a [`NodeInfo`] from its Node objects and `NodeSettings`
+//! ([`NodeInfo::resolve`]): the node's name (`--node-name`), and the addresses NodePorts
+//! listen on: the `InternalIP` and `ExternalIP` addresses of the Node named so (of every
+//! Node when there is no name) plus `--nodeport-address`.
+//!
+//! What a Service contributes, per port (one `ServicePortId` = namespace, name, port
+//! name, protocol):
+//! - frontends: every `spec.clusterIPs` address (or `spec.clusterIP` when `clusterIPs` is
+//!   absent), `status.loadBalancer.ingress[].ip` when `type: LoadBalancer` (except ingress
+//!   points with `ipMode: Proxy`: the load balancer then proxies to the nodes itself and
+//!   kube-proxy does not capture the address either), `spec.externalIPs` for any type,
+//!   and for `type: NodePort` and `LoadBalancer` the port's `nodePort` on every node
+//!   address of the service's IP families (`spec.ipFamilies`, else the families of its
+//!   clusterIPs, else both). One (address, port, protocol) listed twice in a service is
+//!   one frontend, of the first kind in `FrontendKind` order.
+//! - endpoints: from the EndpointSlices labelled `kubernetes.io/service-name: <name>` in
+//!   the same namespace, the slice port whose `name` and protocol equal the service
+//!   port's. The EndpointSlice controller has already resolved `targetPort` (named or
+//!   numeric) into the slice ports, which is why kube-proxy never looks at `targetPort`.
+//!   Conditions: `ready` (absent: true), `serving` (absent: the value of `ready`),
+//!   `terminating` (absent: false). An endpoint is local when its `nodeName` is the
+//!   node's name, or always when the node has no name. An endpoint listed more than once
+//!   (a pod moving between slices) is one endpoint: the copy with the best conditions
+//!   (ready, else serving and terminating) counts, local if any copy is.
+//!   - `endpoints` (cluster set): the ready endpoints, or when there is none, the serving
+//!     and terminating ones (kube-proxy keeps a service that is being rolled whole
+//!     answering);
+//!   - `local_endpoints`: the same rule applied to the local endpoints alone;
+//!   - `draining`: every other listed endpoint (not in `endpoints`; it may be in
+//!     `local_endpoints`): no new flows through the cluster table, but its backend stays
+//!     so established flows keep it.
+//! - `externalTrafficPolicy: Local` → `external_local`, only when the service is
+//!   externally accessible (type NodePort or LoadBalancer, or externalIPs), as
+//!   kube-proxy's `ExternalPolicyLocal`; `internalTrafficPolicy: Local` →
+//!   `internal_local`. `healthCheckNodePort` counts for `type: LoadBalancer` with
+//!   `external_local` only.
+//! - `sessionAffinity: ClientIP` → `affinity_timeout_s` =
+//!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800, valid 1..=86400).
+//! - `spec.loadBalancerSourceRanges` (when empty, the comma-separated annotation
+//!   `service.beta.kubernetes.io/load-balancer-source-ranges`, as kube-proxy), for
+//!   `type: LoadBalancer` only: CIDR prefixes, whitespace trimmed, host bits zeroed,
+//!   sorted, deduplicated. A bad entry makes the Service invalid, naming it
+//!   (`spec.loadBalancerSourceRanges[2]`).
+//!
+//! Frontends claimed by several service ports (two services on one nodePort or external
+//! IP in a file, a node address that is also an externalIP) go to one of them: see
+//! [`translate_with_conflicts`].
+//!
+//! Dual stack: `ServicePortState.endpoints` holds the endpoints of *both* families. The
+//! reconciler builds the Maglev table of each frontend from the endpoints of the
+//! frontend's family only (a v4 VIP never sends to a v6 pod).
+//!
+//! Not translated: headless services (`clusterIP: None`) and `type: ExternalName` (no
+//! virtual IP to capture), SCTP ports (the data path handles TCP and UDP; the port is
+//! skipped and [`service_warnings`] reports it), slices of `addressType: FQDN`, topology
+//! hints. Only the first of an endpoint's `addresses` is used, as the API allows.
+//! Objects without `metadata.namespace` are in `default`, as `kubectl apply` would put
+//! them; Nodes are cluster-scoped.
+//!
+//! The module, one concern per file, dependencies running one way (down this list):
+//! - this page: the entry ([`translate`], [`translate_with_conflicts`]), assembling one
+//!   `ServicePortState` per service port;
+//! - `service`: validating a Service, and what its ports share (frontend addresses,
+//!   NodePort addresses of its families); `policy`: its traffic policies, session
+//!   affinity and source ranges;
+//! - `endpoints`: EndpointSlices: validation, listing and classifying endpoints;
+//! - `conflicts`: frontends claimed by several service ports;
+//! - `node`: [`NodeInfo`] and validating a Node;
+//! - `fields`, `error`, `object`: reading single field values, [`TranslateError`], and
+//!   naming objects.
+
+mod conflicts;
+mod endpoints;
+mod error;
+mod fields;
+mod node;
+mod object;
+mod policy;
+mod service;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+pub use conflicts::FrontendConflict;
+pub use endpoints::{validate_slice, SERVICE_NAME_LABEL};
+pub use error::TranslateError;
+pub use node::{validate_node, NodeInfo};
+pub use object::{ObjectKind, ObjectRef, DEFAULT_NAMESPACE};
+pub use policy::{
+    parse_prefix, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S, SOURCE_RANGES_ANNOTATION,
+};
+pub use service::{service_warnings, validate_service};
+
+use crate::model::{DesiredState, ServicePortId, ServicePortState};
+use conflicts::resolve_conflicts;
+use endpoints::{classify, endpoints_by_service, EndpointsByPort};
+use fields::{parse_protocol, ApiProtocol};
+use object::namespace_of;
+use service::{is_ignored, ServiceWide};
+
+/// Builds the desired state from valid Services and EndpointSlices (see
+/// [`validate_service`] and [`validate_slice`]). Anything an invalid object would need is
+/// skipped rather than trusted, so invalid input cannot panic here, but only validated
+/// objects give meaningful results.
+pub fn translate<'a, 'b>(
+    services: impl Iterator<Item = &'a Service>,
+    slices: impl Iterator<Item = &'b EndpointSlice>,
+    node: &NodeInfo,
+) -> DesiredState {
+    translate_with_conflicts(services, slices, node).state
+}
+
+/// The desired state and the frontend conflicts resolved on the way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// What the maps should hold.
+    pub state: DesiredState,
+    /// One entry per service port that lost a frontend to another: for the source to log.
+    pub conflicts: Vec<FrontendConflict>,
+}
+
+/// [`translate`], also reporting frontends claimed by several service ports. Each such
+/// frontend goes to one claimant, chosen deterministically: a ClusterIP before any other
+/// kind, then the older Service (`metadata.creationTimestamp`, as MetalLB decides shared
+/// IPs), then the smaller `ServicePortId`. The others lose only that frontend.
+pub fn translate_with_conflicts<'a, 'b>(
+    services: impl Iterator<Item = &'a Service>,
+    slices: impl Iterator<Item = &'b EndpointSlice>,
+    node: &NodeInfo,
+) -> Translation {
+    let mut endpoints = endpoints_by_service(slices, node);
+    let mut state = DesiredState::default();
+    // (namespace, name) → creation time: the tie-break for contested frontends.
+    let mut created: BTreeMap<(String, String), Option<Time>> = BTreeMap::new();
+    for svc in services {
+        if is_ignored(svc) {
+            continue;
+        }
+        let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let namespace = namespace_of(&svc.metadata);
+        let key = (namespace.to_owned(), name.to_owned());
+        let listed = endpoints.remove(&key).unwrap_or_default();
+        add_service_ports(svc, namespace, name, listed, node, &mut state);
+        created.insert(key, svc.metadata.creation_timestamp.clone());
+    }
+    let conflicts = resolve_conflicts(&mut state, &created);
+    Translation { state, conflicts }
+}
+
+/// Adds one `ServicePortState` per TCP or UDP port of a (non-ignored) service, with the
+/// endpoints `listed` for that port's (name, protocol).
+fn add_service_ports(
+    svc: &Service,
+    namespace: &str,
+    name: &str,
+    mut listed: EndpointsByPort,
+    node: &NodeInfo,
+    state: &mut DesiredState,
+) {
+    let shared = ServiceWide::of(svc, node);
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref());
+    for p in ports.unwrap_or_default() {
+        let Some(ApiProtocol::Supported(protocol)) = parse_protocol(p.protocol.as_deref()) else {
+            continue;
+        };
+        let Some(port) = u16::try_from(p.port).ok().filter(|&n| n != 0) else {
+            continue;
+        };
+        let port_name = p.name.clone().unwrap_or_default();
+        let frontends = shared.frontends(port, protocol, p.node_port);
+        let port_endpoints = listed
+            .remove(&(port_name.clone(), protocol))
+            .unwrap_or_default();
+        let (endpoints, local_endpoints, draining) = classify(&port_endpoints);
+        state.services.insert(
+            ServicePortId {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port_name,
+                protocol,
+            },
+            ServicePortState {
+                frontends,
+                endpoints,
+                local_endpoints,
+                draining,
+                internal_local: shared.internal_local,
+                external_local: shared.external_local,
+                affinity_timeout_s: shared.affinity_timeout_s,
+                source_ranges: shared.source_ranges.clone(),
+                health_check_node_port: shared.health_check_node_port,
+            },
+        );
+    }
+}
