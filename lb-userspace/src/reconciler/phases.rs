@@ -137,8 +137,8 @@ impl<W: MapWriter> Reconciler<W> {
         }
     }
 
-    /// 0. Capacity of SERVICES, VIPS and SRC_RANGES at the peak (before removals): a port
-    /// that would overflow one is refused, the ones before it (by name) fit.
+    /// Phase 0, capacity of SERVICES, VIPS and SRC_RANGES at the peak (before removals): a
+    /// port that would overflow one is refused, the ones before it (by name) fit.
     fn refuse_what_does_not_fit(&self, pass: &mut Pass<'_>) {
         let mut usage = Usage {
             frontends: self.services.values().map(|s| s.frontends.len()).sum(),
@@ -211,10 +211,10 @@ impl<W: MapWriter> Reconciler<W> {
             .count()
     }
 
-    /// 1. Backends: new ones (in tables or kept for flows), and changed names. Written
-    /// together after the loop (one batch per map, see `MapWriter::put_backends`); the
-    /// bookkeeping runs ahead of the maps only until then, and a failed write makes the
-    /// next apply re-read the maps anyway.
+    /// Phase 1, backends: new ones (in tables or kept for flows), and changed names.
+    /// Written together after the loop (one batch per map, see `MapWriter::put_backends`);
+    /// the bookkeeping runs ahead of the maps only until then, and a failed write makes
+    /// the next apply re-read the maps anyway.
     fn write_backends(&mut self, pass: &mut Pass<'_>) -> Result<(), MapError> {
         let mut seen: BTreeSet<BackendIdentity> = BTreeSet::new();
         let mut writes: Vec<(u32, Backend, NameMeta)> = Vec::new();
@@ -282,8 +282,8 @@ impl<W: MapWriter> Reconciler<W> {
         }
     }
 
-    /// 2. Tables: a new range for every changed (service port, family, scope), and a
-    /// svc_id for every new port.
+    /// Phase 2, tables: a new range for every changed (service port, family, scope), and
+    /// a svc_id for every new port.
     fn write_tables(&mut self, pass: &mut Pass<'_>) -> Result<NewTables, MapError> {
         let mut new = NewTables::default();
         for name in pass.wanted_names() {
@@ -402,7 +402,7 @@ impl<W: MapWriter> Reconciler<W> {
         FinalFrontends { frontends, vips }
     }
 
-    /// 3a. SVC_META names of the new ports that are still wanted.
+    /// Phase 3a, SVC_META names of the new ports that are still wanted.
     fn write_new_names(
         &mut self,
         pass: &mut Pass<'_>,
@@ -423,9 +423,9 @@ impl<W: MapWriter> Reconciler<W> {
         Ok(())
     }
 
-    /// 3b. New prefixes before any frontend is flagged to check them; prefixes no longer
-    /// wanted go only after the frontends switched (phase 4). Returns each port's wanted
-    /// set.
+    /// Phase 3b, source ranges: new prefixes before any frontend is flagged to check
+    /// them; prefixes no longer wanted go only after the frontends switched (phase 4).
+    /// Returns each port's wanted set.
     fn write_new_src_ranges(
         &mut self,
         pass: &mut Pass<'_>,
@@ -452,8 +452,8 @@ impl<W: MapWriter> Reconciler<W> {
         Ok(wanted_ranges)
     }
 
-    /// 3c. VIPS entries whose count changes (new ones included), before any frontend on
-    /// them; the ones no frontend uses any more go last (phase 4).
+    /// Phase 3c, VIPS entries whose count changes (new ones included), before any
+    /// frontend on them; the ones no frontend uses any more go last (phase 4).
     fn write_vips(
         &mut self,
         pass: &mut Pass<'_>,
@@ -480,8 +480,8 @@ impl<W: MapWriter> Reconciler<W> {
         Ok(())
     }
 
-    /// 3d. Every wanted frontend switched to its port's new tables, written together (and
-    /// before any removal).
+    /// Phase 3d, the switch: every wanted frontend onto its port's new tables, written
+    /// together (and before any removal).
     fn switch_frontends(
         &mut self,
         pass: &mut Pass<'_>,

@@ -11,8 +11,8 @@ use super::{ApplyStats, Reconciler};
 use crate::maps::{MapError, MapWriter, SrcRange};
 
 impl<W: MapWriter> Reconciler<W> {
-    /// 4. Removals: frontends, source ranges, names, affinity entries, ranges, backends,
-    /// VIPs, in this order.
+    /// Phase 4, removals: frontends, source ranges, names, affinity entries, ranges,
+    /// backends, VIPs, in this order.
     pub(super) fn remove(
         &mut self,
         pass: &mut Pass<'_>,

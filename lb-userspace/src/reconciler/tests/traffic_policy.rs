@@ -3,15 +3,25 @@
 
 use super::*;
 
+/// shop alone, with `externalTrafficPolicy: Local` and `customize` on top.
+fn shop_external_local(
+    endpoints: &[&str],
+    local: &[&str],
+    customize: impl FnOnce(&mut ServicePortState),
+) -> DesiredState {
+    let st = shop(endpoints, local, |s| {
+        s.external_local = true;
+        customize(s);
+    });
+    desired_ports(vec![(shop_id(), st)])
+}
+
 #[test]
 fn local_frontends_use_the_node_local_table_and_drop_only_while_endpoints_exist() {
     let mut r = new();
     let all = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
     // externalTrafficPolicy: Local; one endpoint on this node.
-    let d = desired_ports(vec![(
-        shop_id(),
-        shop(&all, &["198.18.1.1"], |s| s.external_local = true),
-    )]);
+    let d = shop_external_local(&all, &["198.18.1.1"], |_| {});
     apply_ok(&mut r, &d);
     let m = r.writer();
     let (cip, lb, np) = (
@@ -34,22 +44,13 @@ fn local_frontends_use_the_node_local_table_and_drop_only_while_endpoints_exist(
 
     // internalTrafficPolicy: Local too: the cluster table goes, the remote endpoints'
     // backends stay (flows pinned to them keep working).
-    let d = desired_ports(vec![(
-        shop_id(),
-        shop(&all, &["198.18.1.1"], |s| {
-            s.external_local = true;
-            s.internal_local = true;
-        }),
-    )]);
+    let d = shop_external_local(&all, &["198.18.1.1"], |s| s.internal_local = true);
     let s = apply_ok(&mut r, &d);
     assert_eq!((s.ranges_freed, s.backends_deleted), (1, 0), "{s}");
     assert_eq!(s.tables_written, 0, "the local table is reused: {s}");
 
     // No local endpoint while others exist: drop (SVC_F_DROP_IF_EMPTY, size 0).
-    let d = desired_ports(vec![(
-        shop_id(),
-        shop(&all, &[], |s| s.external_local = true),
-    )]);
+    let d = shop_external_local(&all, &[], |_| {});
     apply_ok(&mut r, &d);
     let lb = r.writer().services[&tcp_key(SHOP_LB, 80)];
     assert_eq!(
@@ -57,10 +58,7 @@ fn local_frontends_use_the_node_local_table_and_drop_only_while_endpoints_exist(
         (SVC_F_DROP_IF_EMPTY, 0)
     );
     // No endpoints at all: refuse, as without the policy.
-    let d = desired_ports(vec![(
-        shop_id(),
-        shop(&[], &[], |s| s.external_local = true),
-    )]);
+    let d = shop_external_local(&[], &[], |_| {});
     apply_ok(&mut r, &d);
     let lb = r.writer().services[&tcp_key(SHOP_LB, 80)];
     assert_eq!((lb.flags & SVC_F_DROP_IF_EMPTY, lb.maglev_size), (0, 0));
@@ -68,18 +66,15 @@ fn local_frontends_use_the_node_local_table_and_drop_only_while_endpoints_exist(
 
     // Dual-stack: the rule is per family. IPv4 has a local endpoint, IPv6 only a remote
     // one: the IPv6 LoadBalancer frontend drops, the IPv4 one forwards.
-    let d = desired_ports(vec![(
-        shop_id(),
-        shop(&["198.18.1.1", "2001:db8:1::1"], &["198.18.1.1"], |s| {
-            s.external_local = true;
-            s.frontends.push(frontend(
-                "2001:db8:200::1",
-                80,
-                Protocol::Tcp,
-                FrontendKind::LoadBalancer,
-            ));
-        }),
-    )]);
+    let v6_lb = frontend(
+        "2001:db8:200::1",
+        80,
+        Protocol::Tcp,
+        FrontendKind::LoadBalancer,
+    );
+    let d = shop_external_local(&["198.18.1.1", "2001:db8:1::1"], &["198.18.1.1"], |s| {
+        s.frontends.push(v6_lb)
+    });
     apply_ok(&mut r, &d);
     let m = r.writer();
     let v6 = m.services[&tcp_key("2001:db8:200::1", 80)];
