@@ -33,7 +33,8 @@
 //! Where each part lives:
 //! - [`plan`](self::plan): desired state → frontends, tables and kept backends per port,
 //!   Maglev sizes and slots (pure);
-//! - `phases` and `removals`: the write phases above, one function each;
+//! - `phases`, `switch` and `removals`: the write phases above, one function each, run in
+//!   order by `phases`; `pass`: the working set they hand on;
 //! - `adopt`: the bookkeeping rebuilt from a [`MapSnapshot`](crate::maps::MapSnapshot);
 //! - `state`, `keys`, `alloc`: the bookkeeping, how things are named in the maps, and the
 //!   id and MAGLEV range allocators;
@@ -50,10 +51,12 @@ mod adopt;
 mod alloc;
 mod keys;
 mod outcome;
+mod pass;
 mod phases;
 mod plan;
 mod removals;
 mod state;
+mod switch;
 #[cfg(test)]
 mod tests;
 

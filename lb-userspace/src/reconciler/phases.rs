@@ -5,50 +5,24 @@
 //! 0. refuse the ports that cannot fit (frontends, VIPs, source ranges at the peak);
 //! 1. new and changed backends;
 //! 2. new Maglev tables into freshly allocated ranges;
-//! 3. names of new ports, new source ranges, VIP counts, then every frontend as an atomic
-//!    switch to its new table;
-//! 4. removals ([`super::removals`]): unwanted frontends, old source ranges, removed ports,
-//!    affinity entries, old ranges, unreferenced backends, unused VIPs.
+//! 3. ([`super::switch`]) names of new ports, new source ranges, VIP counts, then every
+//!    frontend as an atomic switch to its new table;
+//! 4. ([`super::removals`]) unwanted frontends, old source ranges, removed ports, affinity
+//!    entries, old ranges, unreferenced backends, unused VIPs.
 //!
-//! A port refused in any phase keeps what the maps hold for it; the others go on.
+//! A port refused in any phase keeps what the maps hold for it; the others go on. The
+//! working set handed from phase to phase is in [`super::pass`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, NameMeta, ServiceKey, ServiceValue, VipInfo, BACKEND_F_ACTIVE};
+use lb_common::{Backend, NameMeta, ServiceKey, ServiceValue, BACKEND_F_ACTIVE};
 
-use super::keys::{frontend_table_index, is_vip, BackendIdentity};
+use super::keys::{is_vip, BackendIdentity};
+use super::pass::Pass;
 use super::plan::{plan_ports, table_size, table_slots, WantedPort};
-use super::state::{BackendState, SvcState, Table, Tables};
-use super::{ApplyStats, PortsToDiff, ReconcileError, Reconciler, ServiceFailure, Shortage};
+use super::state::{BackendState, Table, Tables};
+use super::{ApplyStats, PortsToDiff, ReconcileError, Reconciler, Shortage};
 use crate::maps::{MapError, MapWriter, SrcRange};
-
-/// One apply's working set, handed from phase to phase.
-pub(super) struct Pass<'a> {
-    /// Names of the ports whose maps already hold their desired state: left alone, but
-    /// still counted for VIPs and backends.
-    pub(super) unchanged: &'a BTreeSet<String>,
-    pub(super) stats: ApplyStats,
-    pub(super) failures: Vec<ServiceFailure>,
-    /// The diffed ports still being applied, by SVC_META name.
-    pub(super) wanted: BTreeMap<String, WantedPort>,
-    /// Backends each diffed port wants kept for established flows (see `plan::Plan`).
-    pub(super) desired_kept: BTreeMap<String, Vec<BackendIdentity>>,
-}
-
-impl Pass<'_> {
-    /// Leaves port `name` as the maps hold it.
-    fn refuse(&mut self, name: &str, shortage: Shortage) {
-        self.failures.push(ServiceFailure {
-            service: name.to_owned(),
-            shortage,
-        });
-        self.wanted.remove(name);
-    }
-
-    fn wanted_names(&self) -> Vec<String> {
-        self.wanted.keys().cloned().collect()
-    }
-}
 
 /// Ports new in this apply, with what phase 2 made for the diffed ones.
 #[derive(Default)]
@@ -57,30 +31,6 @@ struct NewTables {
     tables: BTreeMap<String, Tables>,
     /// The svc_ids allocated for new ports.
     svc_ids: BTreeMap<String, u32>,
-}
-
-/// What the maps hold once this apply is through.
-pub(super) struct FinalFrontends {
-    /// Every frontend of a diffed or refused port → whether it counts in VIPS.
-    pub(super) frontends: BTreeMap<ServiceKey, bool>,
-    /// VIPS: address → number of frontends on it (unchanged ports' included).
-    pub(super) vips: BTreeMap<[u8; 16], u32>,
-}
-
-/// What the switch (phase 3) leaves for the removals (phase 4).
-pub(super) struct Switched {
-    /// Which service port holds each frontend now (a frontend can change hands).
-    pub(super) owner: BTreeMap<ServiceKey, String>,
-    /// MAGLEV ranges no frontend names any more: freed after the removals.
-    pub(super) old_ranges: Vec<(u32, u32)>,
-    /// Ports whose AFFINITY entries must be checked after the switch; ports without
-    /// affinity have none (the programs write entries only for affinity frontends, and
-    /// losing affinity purges them).
-    pub(super) purge: BTreeSet<u32>,
-    /// Ports that had affinity before this apply.
-    pub(super) had_affinity: BTreeSet<u32>,
-    /// A backend may have lost its last reference: scan for unreferenced ones.
-    pub(super) may_orphan: bool,
 }
 
 /// Frontends currently in the maps, counted against the limits.
@@ -364,266 +314,5 @@ impl<W: MapWriter> Reconciler<W> {
             });
         }
         Ok(Ok(out))
-    }
-
-    /// Final frontends: wanted ones, plus the current ones of ports that were refused;
-    /// and the VIP counts they (and the unchanged ports' frontends) make.
-    fn final_frontends(&self, pass: &Pass<'_>) -> FinalFrontends {
-        let mut frontends: BTreeMap<ServiceKey, bool> = BTreeMap::new();
-        for wanted in pass.wanted.values() {
-            for (k, v) in &wanted.frontends {
-                frontends.insert(*k, is_vip(v.flags));
-            }
-        }
-        for failure in &pass.failures {
-            if let Some(s) = self.services.get(&failure.service) {
-                for (k, v) in &s.frontends {
-                    frontends.entry(*k).or_insert_with(|| is_vip(v.flags));
-                }
-            }
-        }
-        let mut vips: BTreeMap<[u8; 16], u32> = BTreeMap::new();
-        for (k, vip) in &frontends {
-            if *vip {
-                *vips.entry(k.addr).or_insert(0) += 1;
-            }
-        }
-        // Unchanged ports keep their frontends; none is claimed by a diffed port (`apply`
-        // pulled such holders into the diff), so they are counted without a copy.
-        for name in pass.unchanged {
-            if let Some(s) = self.services.get(name) {
-                for (k, v) in &s.frontends {
-                    if is_vip(v.flags) && !frontends.contains_key(k) {
-                        *vips.entry(k.addr).or_insert(0) += 1;
-                    }
-                }
-            }
-        }
-        FinalFrontends { frontends, vips }
-    }
-
-    /// Phase 3a, SVC_META names of the new ports that are still wanted.
-    fn write_new_names(
-        &mut self,
-        pass: &mut Pass<'_>,
-        new_svc_ids: &BTreeMap<String, u32>,
-    ) -> Result<(), MapError> {
-        let metas: Vec<(u32, NameMeta)> = new_svc_ids
-            .iter()
-            .filter(|(name, _)| pass.wanted.contains_key(*name))
-            .map(|(name, id)| (*id, NameMeta::new(name)))
-            .collect();
-        self.writer.put_svc_metas(&metas)?;
-        for (name, id) in new_svc_ids {
-            if pass.wanted.contains_key(name) {
-                pass.stats.services_added += 1;
-                self.services.insert(name.clone(), SvcState::new(*id));
-            }
-        }
-        Ok(())
-    }
-
-    /// Phase 3b, source ranges: new prefixes before any frontend is flagged to check
-    /// them; prefixes no longer wanted go only after the frontends switched (phase 4).
-    /// Returns each port's wanted set.
-    fn write_new_src_ranges(
-        &mut self,
-        pass: &mut Pass<'_>,
-    ) -> Result<BTreeMap<String, BTreeSet<SrcRange>>, MapError> {
-        let mut wanted_ranges: BTreeMap<String, BTreeSet<SrcRange>> = BTreeMap::new();
-        for (name, wanted) in &pass.wanted {
-            let Some(s) = self.services.get_mut(name) else {
-                continue;
-            };
-            let want: BTreeSet<SrcRange> = wanted
-                .src_ranges
-                .iter()
-                .map(|p| SrcRange::new(s.svc_id, p))
-                .collect();
-            for r in &want {
-                if !s.src_ranges.contains(r) {
-                    self.writer.put_src_range(r)?;
-                    s.src_ranges.insert(*r);
-                    pass.stats.src_ranges_put += 1;
-                }
-            }
-            wanted_ranges.insert(name.clone(), want);
-        }
-        Ok(wanted_ranges)
-    }
-
-    /// Phase 3c, VIPS entries whose count changes (new ones included), before any
-    /// frontend on them; the ones no frontend uses any more go last (phase 4).
-    fn write_vips(
-        &mut self,
-        pass: &mut Pass<'_>,
-        final_vips: &BTreeMap<[u8; 16], u32>,
-    ) -> Result<(), MapError> {
-        let writes: Vec<([u8; 16], VipInfo)> = final_vips
-            .iter()
-            .filter(|(addr, n)| self.vips.get(*addr) != Some(*n))
-            .map(|(addr, n)| {
-                (
-                    *addr,
-                    VipInfo {
-                        frontends: *n,
-                        _pad: 0,
-                    },
-                )
-            })
-            .collect();
-        self.writer.put_vips(&writes)?;
-        for (addr, v) in &writes {
-            self.vips.insert(*addr, v.frontends);
-        }
-        pass.stats.vips_put += writes.len();
-        Ok(())
-    }
-
-    /// Phase 3d, the switch: every wanted frontend onto its port's new tables, written
-    /// together (and before any removal).
-    fn switch_frontends(
-        &mut self,
-        pass: &mut Pass<'_>,
-        mut new_tables: BTreeMap<String, Tables>,
-    ) -> Result<Switched, MapError> {
-        let mut switched = Switched {
-            owner: self
-                .services
-                .iter()
-                .flat_map(|(n, s)| s.frontends.keys().map(move |k| (*k, n.clone())))
-                .collect(),
-            old_ranges: Vec::new(),
-            purge: BTreeSet::new(),
-            had_affinity: self
-                .services
-                .values()
-                .filter(|s| s.has_affinity())
-                .map(|s| s.svc_id)
-                .collect(),
-            may_orphan: pass.unchanged.is_empty() || !pass.failures.is_empty(),
-        };
-        let mut writes: Vec<(ServiceKey, ServiceValue)> = Vec::new();
-        for (name, wanted) in &pass.wanted {
-            let tables = new_tables.remove(name).unwrap_or_default();
-            self.switch_port(name, wanted, tables, &mut switched, &mut writes);
-        }
-        self.writer.put_frontends(&writes)?;
-        pass.stats.frontends_put += writes.len();
-        Ok(switched)
-    }
-
-    /// The switch of one port: its frontend writes, and its bookkeeping moved to the new
-    /// tables (the old ranges to be freed, affinity entries to be checked).
-    fn switch_port(
-        &mut self,
-        name: &str,
-        wanted: &WantedPort,
-        new_tables: Tables,
-        switched: &mut Switched,
-        writes: &mut Vec<(ServiceKey, ServiceValue)>,
-    ) {
-        let Some(s) = self.services.get(name) else {
-            return;
-        };
-        let svc_id = s.svc_id;
-        let old_ids = s.ids_by_scope();
-        // The tables this service uses from now on.
-        let now: Tables = std::array::from_fn(|index| {
-            match (&new_tables[index], wanted.tables[index].is_some()) {
-                (Some(t), _) => Some(t.clone()),
-                (None, true) => s.tables[index].clone(),
-                (None, false) => None,
-            }
-        });
-        self.switch_port_frontends(name, svc_id, wanted, &now, switched, writes);
-        let Some(s) = self.services.get_mut(name) else {
-            return;
-        };
-        for (old, new) in s.tables.iter().zip(&now) {
-            let Some(old) = old else { continue };
-            let replaced = new
-                .as_ref()
-                .is_none_or(|n| old.offset != n.offset || old.size != n.size);
-            if replaced && old.size > 0 {
-                switched.old_ranges.push((old.offset, old.size));
-            }
-        }
-        // Leftover ranges belong to a dirty table, which was rebuilt above, and every
-        // frontend that named them now names the new one (or is deleted below).
-        switched.old_ranges.append(&mut s.leftover_ranges);
-        s.tables = now;
-        let kept: BTreeSet<BackendIdentity> = wanted.kept.keys().copied().collect();
-        if !s.kept.is_subset(&kept) {
-            switched.may_orphan = true;
-        }
-        s.kept = kept;
-        if switched.had_affinity.contains(&svc_id) {
-            let new_ids = s.ids_by_scope();
-            let left = old_ids
-                .iter()
-                .zip(&new_ids)
-                .any(|(old, new)| !old.is_subset(new));
-            if left || !s.has_affinity() {
-                switched.purge.insert(svc_id);
-            }
-        }
-    }
-
-    /// The frontend writes of port `name` onto tables `now`, booked as its frontends (a
-    /// frontend taken from another port is that one's no more).
-    fn switch_port_frontends(
-        &mut self,
-        name: &str,
-        svc_id: u32,
-        wanted: &WantedPort,
-        now: &Tables,
-        switched: &mut Switched,
-        writes: &mut Vec<(ServiceKey, ServiceValue)>,
-    ) {
-        for (k, want) in &wanted.frontends {
-            let Some(table) = &now[frontend_table_index(k, want.flags)] else {
-                continue;
-            };
-            let v = ServiceValue {
-                svc_id,
-                maglev_offset: table.offset,
-                maglev_size: table.size,
-                ..*want
-            };
-            let current = switched
-                .owner
-                .get(k)
-                .and_then(|o| self.services.get(o))
-                .and_then(|o| o.frontends.get(k))
-                .copied();
-            if current == Some(v) {
-                continue;
-            }
-            writes.push((*k, v));
-            if let Some(previous) = switched.owner.insert(*k, name.to_owned()) {
-                if previous != name {
-                    if let Some(o) = self.services.get_mut(&previous) {
-                        o.frontends.remove(k);
-                    }
-                }
-            }
-            if let Some(s) = self.services.get_mut(name) {
-                s.frontends.insert(*k, v);
-            }
-        }
-    }
-
-    /// A refused port keeps its old state, whose flows may use the backends its desired
-    /// state keeps: they stay referenced.
-    fn keep_backends_of_refused(&mut self, pass: &Pass<'_>) {
-        for failure in &pass.failures {
-            if let (Some(s), Some(kept)) = (
-                self.services.get_mut(&failure.service),
-                pass.desired_kept.get(&failure.service),
-            ) {
-                s.kept.extend(kept.iter().copied());
-            }
-        }
     }
 }

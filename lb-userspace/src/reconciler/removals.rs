@@ -1,4 +1,4 @@
-//! Phase 4 of an apply: removals, after every frontend switched (see [`super::phases`]).
+//! Phase 4 of an apply: removals, after every frontend switched (see [`super::switch`]).
 //! Frontends go first, then what only they used: source ranges, the names of removed
 //! ports, AFFINITY entries, MAGLEV ranges, backends nobody lists, VIPs nobody uses.
 
@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::ServiceKey;
 
-use super::phases::{FinalFrontends, Pass, Switched};
+use super::pass::{FinalFrontends, Pass, Switched};
 use super::{ApplyStats, Reconciler};
 use crate::maps::{MapError, MapWriter, SrcRange};
 
