@@ -16,6 +16,7 @@ pub(super) type BackendIdentity = ([u8; 16], u16);
 /// Address families, as table index components.
 pub(super) const FAMILY_V4: usize = 0;
 pub(super) const FAMILY_V6: usize = 1;
+pub(super) const FAMILIES: usize = 2;
 
 /// Table scopes; also the data path's `AffinityKey::scope`.
 pub(super) const SCOPE_CLUSTER: usize = 0;
@@ -23,7 +24,7 @@ pub(super) const SCOPE_LOCAL: usize = 1;
 pub(super) const SCOPES: usize = 2;
 
 /// Tables per service port: one per (family, scope).
-pub(super) const TABLES_PER_PORT: usize = 4;
+pub(super) const TABLES_PER_PORT: usize = FAMILIES * SCOPES;
 
 /// The family of a 16-byte map address (IPv4 is stored IPv4-mapped).
 pub(super) fn family(addr: &[u8; 16]) -> usize {

@@ -31,7 +31,7 @@
 //! inherits them.
 //!
 //! Where each part lives:
-//! - [`plan`](self::plan): desired state → frontends, tables and kept backends per port,
+//! - `plan`: desired state → frontends, tables and kept backends per port,
 //!   Maglev sizes and slots (pure);
 //! - `phases`, `switch` and `removals`: the write phases above, one function each, run in
 //!   order by `phases`; `pass`: the working set they hand on;

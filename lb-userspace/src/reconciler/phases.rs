@@ -24,7 +24,7 @@ use super::state::{BackendState, Table, Tables};
 use super::{ApplyStats, PortsToDiff, ReconcileError, Reconciler, Shortage};
 use crate::maps::{MapError, MapWriter, SrcRange};
 
-/// Ports new in this apply, with what phase 2 made for the diffed ones.
+/// What phase 2 made: the new tables of the diffed ports, the svc_ids of the new ones.
 #[derive(Default)]
 struct NewTables {
     /// The tables written for each port (an entry for every diffed port that fit).
@@ -33,7 +33,8 @@ struct NewTables {
     svc_ids: BTreeMap<String, u32>,
 }
 
-/// Frontends currently in the maps, counted against the limits.
+/// Entries of SERVICES, VIPS and SRC_RANGES at the peak of the apply so far, counted
+/// against the limits.
 struct Usage {
     frontends: usize,
     vips: usize,

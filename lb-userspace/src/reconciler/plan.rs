@@ -12,7 +12,7 @@ use lb_common::{
 
 use super::keys::{
     backend_identity, backend_meta_name, family, frontend_key, frontend_table_index, maglev_name,
-    table_index, BackendIdentity, SCOPE_CLUSTER, SCOPE_LOCAL, TABLES_PER_PORT,
+    table_index, BackendIdentity, FAMILIES, SCOPE_CLUSTER, SCOPE_LOCAL, TABLES_PER_PORT,
 };
 use super::{ServiceFailure, Shortage};
 use crate::maps::addr_from_map;
@@ -68,8 +68,8 @@ impl WantedPort {
 }
 
 /// Which families have at least one of `endpoints`.
-fn families_present(endpoints: &[Endpoint]) -> [bool; 2] {
-    let mut present = [false; 2];
+fn families_present(endpoints: &[Endpoint]) -> [bool; FAMILIES] {
+    let mut present = [false; FAMILIES];
     for e in endpoints {
         present[family(&backend_identity(e).0)] = true;
     }
@@ -152,7 +152,7 @@ fn kept_backends(
     frontends: &BTreeMap<ServiceKey, ServiceValue>,
     tables: &[Option<Members>; TABLES_PER_PORT],
 ) -> Members {
-    let mut has_frontends = [false; 2];
+    let mut has_frontends = [false; FAMILIES];
     for k in frontends.keys() {
         has_frontends[family(&k.addr)] = true;
     }
@@ -302,7 +302,7 @@ mod tests {
     fn table_index_is_undone_by_family_and_scope_of_table() {
         use super::super::keys::{family_of_table, scope_of_table};
         let mut seen = BTreeSet::new();
-        for fam in 0..2 {
+        for fam in 0..FAMILIES {
             for scope in [SCOPE_CLUSTER, SCOPE_LOCAL] {
                 let index = table_index(fam, scope);
                 assert!(index < TABLES_PER_PORT);

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::ServiceKey;
 
+use super::keys::SCOPES;
 use super::pass::{FinalFrontends, Pass, Switched};
 use super::{ApplyStats, Reconciler};
 use crate::maps::{MapError, MapWriter, SrcRange};
@@ -156,7 +157,7 @@ impl<W: MapWriter> Reconciler<W> {
         if svc_ids.is_empty() && !all {
             return Ok(());
         }
-        let valid: BTreeMap<u32, [BTreeSet<u32>; 2]> = self
+        let valid: BTreeMap<u32, [BTreeSet<u32>; SCOPES]> = self
             .services
             .values()
             .filter(|s| (all || svc_ids.contains(&s.svc_id)) && s.has_affinity())

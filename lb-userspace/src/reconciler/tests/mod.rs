@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use super::keys::{
-    backend_identity, backend_meta_name, family, frontend_key, BackendIdentity, FAMILY_V6,
+    backend_identity, backend_meta_name, family, frontend_key, BackendIdentity, FAMILY_V6, SCOPES,
 };
 use super::plan::MAGLEV_SHRINK_FACTOR;
 use super::{ApplyStats, Limits, ReconcileError, Reconciler, Shortage};
@@ -258,7 +258,7 @@ struct Expected {
     vips: BTreeMap<[u8; 16], u32>,
     src_ranges: BTreeSet<SrcRange>,
     /// svc_id → scope → backend ids new flows may reach, for affinity ports.
-    affinity_targets: BTreeMap<u32, [BTreeSet<u32>; 2]>,
+    affinity_targets: BTreeMap<u32, [BTreeSet<u32>; SCOPES]>,
     svc_ids: BTreeSet<u32>,
 }
 
