@@ -141,10 +141,12 @@ impl<W: MapWriter> Reconciler<W> {
                 _ => format!("<orphan svc_id {svc_id}>"),
             };
             let (mut tables, leftover) = tables_named_by(&frontends);
-            let leftover_ranges = leftover
-                .into_iter()
-                .filter(|(offset, size)| self.maglev_ranges.reserve(*offset, *size))
-                .collect();
+            let mut leftover_ranges = Vec::new();
+            for (offset, size) in leftover {
+                if self.maglev_ranges.reserve(offset, size) {
+                    leftover_ranges.push((offset, size));
+                }
+            }
             self.adopt_tables(&mut tables)?;
             self.services.insert(
                 name,

@@ -68,6 +68,7 @@ impl fmt::Display for ServiceFailure {
     }
 }
 
+/// Why an apply did not make the maps hold the whole desired state.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// A map operation failed mid-apply. The maps are consistent for the data path (the
