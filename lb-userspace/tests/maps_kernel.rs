@@ -34,6 +34,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
+/// One ClusterIP service port on an IPv4 and an IPv6 address, with two IPv4 endpoints (one
+/// without a target: named by its address) and one IPv6 endpoint.
 fn desired() -> DesiredState {
     let mut d = DesiredState::default();
     d.services.insert(
@@ -81,24 +83,10 @@ fn desired() -> DesiredState {
     d
 }
 
-#[test]
-fn reconciled_maps_read_back_and_a_reload_adopts_them_without_writes() -> anyhow::Result<()> {
-    let dir = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/xdplb-test-maps-{}",
-        std::process::id()
-    )));
-    let d = desired();
-
-    let loaded = loader::load(EBPF_OBJ, &dir.0, false).context("load")?;
-    let mut rec = Reconciler::adopt(loaded.maps).context("adopt empty maps")?;
-    let stats = rec.apply(&d).context("first apply")?;
-    assert!(stats.writes() > 0);
-    // Backends, names, VIPs and frontends went in as batches (this kernel has the
-    // command for hash maps and arrays); what follows checks they all arrived.
-    assert!(rec.writer().writes_in_batches());
-
-    // What lbctl sees, through the pins, while the loader still holds the object.
-    let reader = LbMaps::open_pinned(&dir.0).context("open pinned")?;
+/// What lbctl shows of `desired()` written into empty maps: one named service port with a
+/// table per family, its three backends by name, Maglev slots naming only backends of the
+/// table's family, and no traffic yet.
+fn check_lbctl_view(reader: &LbMaps) -> anyhow::Result<()> {
     let svcs = reader.list_services()?;
     assert_eq!(svcs.len(), 1, "{svcs:?}");
     assert_eq!(svcs[0].name.as_deref(), Some("shop/web:http/TCP"));
@@ -152,6 +140,28 @@ fn reconciled_maps_read_back_and_a_reload_adopts_them_without_writes() -> anyhow
     );
     assert!(reader.list_flows(10)?.is_empty());
     assert_eq!(reader.count_rnat()?, 0);
+    Ok(())
+}
+
+#[test]
+fn reconciled_maps_read_back_and_a_reload_adopts_them_without_writes() -> anyhow::Result<()> {
+    let dir = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/xdplb-test-maps-{}",
+        std::process::id()
+    )));
+    let d = desired();
+
+    let loaded = loader::load(EBPF_OBJ, &dir.0, false).context("load")?;
+    let mut rec = Reconciler::adopt(loaded.maps).context("adopt empty maps")?;
+    let stats = rec.apply(&d).context("first apply")?;
+    assert!(stats.writes() > 0);
+    // Backends, names, VIPs and frontends went in as batches (this kernel has the
+    // command for hash maps and arrays); what follows checks they all arrived.
+    assert!(rec.writer().writes_in_batches());
+
+    // What lbctl sees, through the pins, while the loader still holds the object.
+    let reader = LbMaps::open_pinned(&dir.0).context("open pinned")?;
+    check_lbctl_view(&reader)?;
     drop(reader);
 
     // A restarted agent: same object, same pins.

@@ -50,7 +50,7 @@ impl ModeChoice {
 struct Attached {
     ifindex: u32,
     program: &'static str,
-    link: aya::programs::xdp::XdpLinkId,
+    link: XdpLinkId,
     /// Where the link is pinned (`<pin dir>/links/<ifindex>`): a pinned XDP link stays
     /// attached after the agent exits, and the next agent swaps its program in.
     pin: PathBuf,
@@ -359,28 +359,24 @@ impl Attacher {
     fn pin_link(
         &mut self,
         program: &'static str,
-        id: aya::programs::xdp::XdpLinkId,
+        id: XdpLinkId,
         pin: &Path,
-    ) -> Result<aya::programs::xdp::XdpLinkId, aya::programs::ProgramError> {
+    ) -> Result<XdpLinkId, ProgramError> {
         use aya::programs::links::FdLink;
         use aya::programs::xdp::XdpLink;
-        let p =
-            xdp_mut(&mut self.ebpf, program).map_err(|_| aya::programs::ProgramError::NotLoaded)?;
+        let p = xdp_mut(&mut self.ebpf, program).map_err(|_| ProgramError::NotLoaded)?;
         let link = p.take_link(id)?;
         // Only bpf_link attachments (kernel >= 5.9) can be pinned; a netlink attachment
         // fails here and the caller reports it.
         let fd = FdLink::try_from(link).map_err(|e| match e {
-            aya::programs::links::LinkError::InvalidLink => {
-                aya::programs::ProgramError::UnexpectedProgramType
-            }
-            e => aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())),
+            aya::programs::links::LinkError::InvalidLink => ProgramError::UnexpectedProgramType,
+            e => ProgramError::IOError(std::io::Error::other(e.to_string())),
         })?;
-        let pinned = fd.pin(pin).map_err(|e| {
-            aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string()))
-        })?;
-        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| {
-            aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string()))
-        })?;
+        let pinned = fd
+            .pin(pin)
+            .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))?;
         // Re-attaching the same program through the link (an atomic no-op swap) puts it
         // back under the program's management.
         p.attach_to_link(link)
@@ -432,9 +428,7 @@ impl Attacher {
             iface: name.to_owned(),
             ifindex,
             mode,
-            source: Box::new(aya::programs::ProgramError::IOError(std::io::Error::other(
-                e,
-            ))),
+            source: Box::new(ProgramError::IOError(std::io::Error::other(e))),
         };
         let pinned = PinnedLink::from_pin(pin).map_err(|e| err(e.to_string()))?;
         let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| err(e.to_string()))?;
@@ -546,17 +540,19 @@ fn program_for(role: u32) -> &'static str {
 
 /// The IFACES flags of an interface of `role` attached in `mode`.
 fn iface_flags(veth: bool, role: u32, mode: XdpMode) -> u32 {
-    let mut f = 0;
+    let mut flags = 0;
     if veth {
-        f |= IFACE_F_VETH;
+        flags |= IFACE_F_VETH;
     }
     if mode == XdpMode::Skb {
-        f |= IFACE_F_GENERIC;
+        flags |= IFACE_F_GENERIC;
     }
+    // Redirects into an interface only from native XDP on an edge: see
+    // docs/architecture.md, "when redirecting is safe".
     if role == IFACE_ROLE_EDGE && mode == XdpMode::Driver {
-        f |= IFACE_F_REDIRECT_OK;
+        flags |= IFACE_F_REDIRECT_OK;
     }
-    f
+    flags
 }
 
 /// The loaded object's XDP program `program`.

@@ -7,7 +7,6 @@
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 
 use aya::maps::IterableMap as _;
-
 use lb_common::MAP_MAGLEV;
 
 use super::{LbMaps, MapError};
@@ -40,6 +39,7 @@ pub(crate) struct BatchAttr {
     pub(crate) _zero: [u8; 160 - 56],
 }
 
+/// Why an [`update_batch`] call did not write everything.
 #[derive(Debug)]
 pub(super) enum BatchError {
     /// This kernel or map has no BPF_MAP_UPDATE_BATCH; nothing was written.

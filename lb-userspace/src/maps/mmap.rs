@@ -7,7 +7,6 @@
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::IterableMap as _;
-
 use lb_common::MAP_MAGLEV;
 
 use super::LbMaps;

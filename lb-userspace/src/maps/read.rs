@@ -14,7 +14,8 @@ use lb_common::{
 
 use super::{addr_from_map, op_err, Ifaces, LbMaps, MapError, SrcRange};
 
-pub(super) fn sock(a: &[u8; 16], port_be: u16) -> SocketAddr {
+/// The socket address of a 16-byte map address and a network-order port.
+fn socket_addr(a: &[u8; 16], port_be: u16) -> SocketAddr {
     SocketAddr::new(addr_from_map(a), u16::from_be(port_be))
 }
 
@@ -162,7 +163,7 @@ impl LbMaps {
             };
             out.push(BackendInfo {
                 id,
-                addr: sock(&b.addr, b.port_be),
+                addr: socket_addr(&b.addr, b.port_be),
                 name,
                 counters: c,
             });
@@ -185,10 +186,10 @@ impl LbMaps {
             };
             out.push(FlowInfo {
                 proto: k.proto,
-                client: sock(&k.src, k.sport_be),
-                vip: sock(&k.dst, k.dport_be),
-                backend: sock(&n.new_dst, n.new_dport_be),
-                new_src: sock(&n.new_src, n.new_sport_be),
+                client: socket_addr(&k.src, k.sport_be),
+                vip: socket_addr(&k.dst, k.dport_be),
+                backend: socket_addr(&n.new_dst, n.new_dport_be),
+                new_src: socket_addr(&n.new_src, n.new_sport_be),
                 backend_id: n.backend_id,
                 svc_id: n.svc_id,
                 flags: n.flags,
@@ -299,7 +300,7 @@ pub fn fmt_src_range(r: &SrcRange) -> String {
 
 /// `198.18.0.10:80/6` style key for error messages.
 pub fn fmt_key(k: &ServiceKey) -> String {
-    format!("{}/{}", sock(&k.addr, k.port_be), k.proto)
+    format!("{}/{}", socket_addr(&k.addr, k.port_be), k.proto)
 }
 
 impl Ifaces {

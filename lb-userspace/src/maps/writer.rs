@@ -1,11 +1,16 @@
-//! The map operations the reconciler needs, as a trait: the aya implementation is
-//! [`crate::maps::LbMaps`]; tests use an in-memory one. It lives with the maps so that the
-//! dependency runs one way: the reconciler uses the map layer, never the reverse.
+//! The map operations the reconciler needs, as a trait ([`MapWriter`]), and the kernel's
+//! implementation of it on [`LbMaps`]; tests use an in-memory one (`maps::fake`). It lives
+//! with the maps so that the dependency runs one way: the reconciler uses the map layer,
+//! never the reverse.
+//!
+//! The kernel writer orders its writes the way lbctl and the data path need them (a name
+//! before the backend it names) and names the map and the key in every error; bulk writes
+//! take the cheapest path this kernel and map allow (`mmap`, then `batch`, then one
+//! syscall per entry).
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::IterableMap as _;
-
 use lb_common::{
     AffinityKey, AffinityValue, Backend, NameMeta, ServiceKey, ServiceValue, VipInfo, MAP_AFFINITY,
     MAP_BACKENDS, MAP_BE_META, MAP_MAGLEV, MAP_SERVICES, MAP_SRC_RANGES, MAP_SVC_META, MAP_VIPS,
