@@ -67,8 +67,9 @@ struct WatchRequest {
 }
 
 impl WatchRequest {
-    /// Reads the parameters; a malformed one is answered with 400, as the API server does.
-    fn parse(params: &HashMap<String, String>) -> std::result::Result<Self, Response<Body>> {
+    /// Reads the parameters; a malformed one is an error message for a 400 answer, as the
+    /// API server gives.
+    fn parse(params: &HashMap<String, String>) -> std::result::Result<Self, String> {
         let bookmarks = matches!(
             params.get("allowWatchBookmarks").map(String::as_str),
             Some("true" | "1")
@@ -77,25 +78,13 @@ impl WatchRequest {
         let timeout = match params.get("timeoutSeconds").map(|t| t.parse::<u64>()) {
             None => None,
             Some(Ok(t)) => Some(Duration::from_secs(t)),
-            Some(Err(_)) => {
-                return Err(error_response(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    "invalid timeoutSeconds",
-                ))
-            }
+            Some(Err(_)) => return Err("invalid timeoutSeconds".to_string()),
         };
         let from = match params.get("resourceVersion").map(String::as_str) {
             None | Some("" | "0") => None,
             Some(rv) => match rv.parse::<u64>() {
                 Ok(n) => Some(n),
-                Err(_) => {
-                    return Err(error_response(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        &format!("invalid resource version {rv:?}"),
-                    ))
-                }
+                Err(_) => return Err(format!("invalid resource version {rv:?}")),
             },
         };
         Ok(WatchRequest {
@@ -173,7 +162,7 @@ pub(crate) fn start_watch(
 ) -> Response<Body> {
     let request = match WatchRequest::parse(params) {
         Ok(request) => request,
-        Err(bad_request) => return bad_request,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, "BadRequest", &message),
     };
     let start = watch_start(shared, &filter, &request);
 
