@@ -120,6 +120,53 @@ async fn fakeapi_watch_events_bookmarks_timeout_410() -> Result<()> {
     Ok(())
 }
 
+/// What a kube-runtime watcher's consumer would hold: the names of the current objects,
+/// and how many (re-)lists it went through.
+struct WatcherView<'a, S> {
+    events: &'a mut S,
+    names: BTreeSet<String>,
+    relists: u32,
+}
+
+impl<S> WatcherView<'_, S>
+where
+    S: futures::Stream<Item = std::result::Result<watcher::Event<Service>, watcher::Error>> + Unpin,
+{
+    /// Applies the watcher's events until `done` holds on the names, outside a re-list
+    /// (20 s at most).
+    async fn until(&mut self, done: impl Fn(&BTreeSet<String>) -> bool) -> Result<()> {
+        let mut init: Option<BTreeSet<String>> = None;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !done(&self.names) || init.is_some() {
+                let ev = self.events.next().await.context("watcher ended")?;
+                match ev {
+                    Ok(watcher::Event::Init) => init = Some(BTreeSet::new()),
+                    Ok(watcher::Event::InitApply(s)) => {
+                        if let Some(i) = init.as_mut() {
+                            i.insert(s.metadata.name.unwrap_or_default());
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        self.names = init.take().unwrap_or_default();
+                        self.relists += 1;
+                    }
+                    Ok(watcher::Event::Apply(s)) => {
+                        self.names.insert(s.metadata.name.unwrap_or_default());
+                    }
+                    Ok(watcher::Event::Delete(s)) => {
+                        self.names.remove(&s.metadata.name.unwrap_or_default());
+                    }
+                    // Errors are retried by the watcher itself (with backoff).
+                    Err(_) => {}
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+        .await
+        .context("timed out waiting for the watcher")?
+    }
+}
+
 /// kube-runtime's watcher (what the agent's source uses): initial list, live changes,
 /// resume after a dropped watch without re-listing, re-list after 410, recovery after an
 /// outage with the changes made during it.
@@ -138,65 +185,24 @@ async fn fakeapi_kube_runtime_watcher_resume_relist_outage() -> Result<()> {
         .default_backoff()
         .boxed();
 
-    // What the watcher's consumer would hold: names of the current objects.
-    let mut names = BTreeSet::new();
-    let mut relists = 0;
-    async fn next(
-        events: &mut (impl futures::Stream<Item = Result<watcher::Event<Service>, watcher::Error>>
-                  + Unpin),
-        names: &mut BTreeSet<String>,
-        relists: &mut u32,
-        until: impl Fn(&BTreeSet<String>) -> bool,
-    ) -> Result<()> {
-        let mut init: Option<BTreeSet<String>> = None;
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while !until(names) || init.is_some() {
-                let ev = events.next().await.context("watcher ended")?;
-                match ev {
-                    Ok(watcher::Event::Init) => init = Some(BTreeSet::new()),
-                    Ok(watcher::Event::InitApply(s)) => {
-                        if let Some(i) = init.as_mut() {
-                            i.insert(s.metadata.name.unwrap_or_default());
-                        }
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        *names = init.take().unwrap_or_default();
-                        *relists += 1;
-                    }
-                    Ok(watcher::Event::Apply(s)) => {
-                        names.insert(s.metadata.name.unwrap_or_default());
-                    }
-                    Ok(watcher::Event::Delete(s)) => {
-                        names.remove(&s.metadata.name.unwrap_or_default());
-                    }
-                    // Errors are retried by the watcher itself (with backoff).
-                    Err(_) => {}
-                }
-            }
-            Ok::<_, anyhow::Error>(())
-        })
-        .await
-        .context("timed out waiting for the watcher")?
-    }
+    let mut view = WatcherView {
+        events: &mut events,
+        names: BTreeSet::new(),
+        relists: 0,
+    };
     let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
 
-    next(&mut events, &mut names, &mut relists, |n| {
-        n == &set(&["a", "b"])
-    })
-    .await?;
-    assert_eq!(relists, 1);
+    view.until(|n| n == &set(&["a", "b"])).await?;
+    assert_eq!(view.relists, 1);
     fake.create(&objects::service("c", "198.19.0.3", 80, 8080))?;
-    next(&mut events, &mut names, &mut relists, |n| n.contains("c")).await?;
+    view.until(|n| n.contains("c")).await?;
 
     // A dropped watch resumes from the last version: no re-list.
     let lists_before = fake.requests().iter().filter(|r| !r.watch).count();
     fake.drop_watches();
     fake.delete::<Service>("default", "a")?;
-    next(&mut events, &mut names, &mut relists, |n| {
-        n == &set(&["b", "c"])
-    })
-    .await?;
-    assert_eq!(relists, 1, "a dropped watch must not cause a re-list");
+    view.until(|n| n == &set(&["b", "c"])).await?;
+    assert_eq!(view.relists, 1, "a dropped watch must not cause a re-list");
     assert_eq!(
         fake.requests().iter().filter(|r| !r.watch).count(),
         lists_before
@@ -215,11 +221,8 @@ async fn fakeapi_kube_runtime_watcher_resume_relist_outage() -> Result<()> {
     fake.compact();
     tokio::time::sleep(Duration::from_secs(1)).await;
     fake.resume();
-    next(&mut events, &mut names, &mut relists, |n| {
-        n == &set(&["c", "d"])
-    })
-    .await?;
-    assert_eq!(relists, 2, "410 must lead to exactly one re-list");
+    view.until(|n| n == &set(&["c", "d"])).await?;
+    assert_eq!(view.relists, 2, "410 must lead to exactly one re-list");
     let reqs = fake.requests();
     assert!(
         reqs.iter().any(|r| r.watch && r.status == 200)
@@ -245,14 +248,11 @@ async fn fakeapi_kube_runtime_watcher_resume_relist_outage() -> Result<()> {
     // A hanging server: nothing arrives, then everything does.
     fake.hang();
     fake.create(&objects::service("e", "198.19.0.5", 80, 8080))?;
-    let early = tokio::time::timeout(
-        Duration::from_millis(700),
-        next(&mut events, &mut names, &mut relists, |n| n.contains("e")),
-    )
-    .await;
+    let early =
+        tokio::time::timeout(Duration::from_millis(700), view.until(|n| n.contains("e"))).await;
     assert!(early.is_err(), "an event arrived while the server hung");
     fake.resume();
-    next(&mut events, &mut names, &mut relists, |n| n.contains("e")).await?;
+    view.until(|n| n.contains("e")).await?;
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
