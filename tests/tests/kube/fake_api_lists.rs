@@ -12,12 +12,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use tests::fakeapi::FakeApi;
 
-/// Lists come back as typed objects with resourceVersions; pages follow `limit`; field and
-/// label selectors filter; single objects by name; unknown paths are 404.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fakeapi_list_pages_selectors_get() -> Result<()> {
+/// A fake server holding services svc-0..svc-6, an EndpointSlice of svc-1 and Nodes node-a
+/// and node-b, a kube client for it, and the scratch directory its kubeconfig is in.
+async fn populated(tag: &str) -> Result<(FakeApi, std::path::PathBuf, kube::Client)> {
     let fake = FakeApi::start()?;
-    let dir = scratch("fakeapi-list")?;
+    let dir = scratch(tag)?;
     let client = client_for(&fake, &dir).await?;
     for i in 0..7 {
         fake.create(&objects::service(
@@ -36,8 +35,15 @@ async fn fakeapi_list_pages_selectors_get() -> Result<()> {
     ))?;
     fake.create(&objects::node("node-a", "198.18.0.1"))?;
     fake.create(&objects::node("node-b", "198.18.0.9"))?;
+    Ok((fake, dir, client))
+}
 
-    let svcs: Api<Service> = Api::all(client.clone());
+/// Lists come back as typed objects with resourceVersions, uids and creation timestamps,
+/// the list's resourceVersion the server's current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fakeapi_lists_typed_objects_with_resource_versions() -> Result<()> {
+    let (fake, dir, client) = populated("fakeapi-list").await?;
+    let svcs: Api<Service> = Api::all(client);
     let all = svcs.list(&ListParams::default()).await?;
     assert_eq!(all.items.len(), 7);
     let list_rv: u64 = all
@@ -61,8 +67,16 @@ async fn fakeapi_list_pages_selectors_get() -> Result<()> {
             "no creationTimestamp"
         );
     }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
 
-    // Pages of 3: 3 + 3 + 1, one consistent snapshot even if objects change in between.
+/// Pages follow `limit`: 3 + 3 + 1, one consistent snapshot even if objects change in
+/// between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fakeapi_pages_follow_limit_over_one_snapshot() -> Result<()> {
+    let (fake, dir, client) = populated("fakeapi-pages").await?;
+    let svcs: Api<Service> = Api::all(client);
     let p1 = svcs.list(&ListParams::default().limit(3)).await?;
     assert_eq!(p1.items.len(), 3);
     let token = p1.metadata.continue_.clone().context("no continue token")?;
@@ -77,7 +91,14 @@ async fn fakeapi_list_pages_selectors_get() -> Result<()> {
         .await?;
     assert_eq!(p3.items.len(), 1, "snapshot still holds svc-6");
     assert!(p3.metadata.continue_.as_deref().unwrap_or("").is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
 
+/// Field and label selectors filter, namespaces separate, and single objects come by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fakeapi_selectors_filter_and_objects_come_by_name() -> Result<()> {
+    let (_fake, dir, client) = populated("fakeapi-selectors").await?;
     let nodes: Api<Node> = Api::all(client.clone());
     let only_a = nodes
         .list(&ListParams::default().fields("metadata.name=node-a"))
@@ -102,19 +123,27 @@ async fn fakeapi_list_pages_selectors_get() -> Result<()> {
         .list(&ListParams::default().labels("kubernetes.io/service-name in (svc-2,svc-3)"))
         .await?;
     assert!(none.items.is_empty());
-    let other_ns: Api<EndpointSlice> = Api::namespaced(client.clone(), "kube-system");
+    let other_ns: Api<EndpointSlice> = Api::namespaced(client, "kube-system");
     assert!(other_ns
         .list(&ListParams::default())
         .await?
         .items
         .is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
 
+/// A missing object and an unknown path are 404, and the server logs the unknown path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fakeapi_missing_objects_and_unknown_paths_are_404() -> Result<()> {
+    let (fake, dir, client) = populated("fakeapi-404").await?;
+    let svcs: Api<Service> = Api::all(client.clone());
     let err = svcs.get("nope").await.expect_err("a missing service");
     assert!(
         matches!(&err, kube::Error::Api(s) if s.code == 404),
         "{err:?}"
     );
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client);
     let err = pods
         .list(&ListParams::default())
         .await
