@@ -18,7 +18,10 @@ use lb_common::{
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex,
+    },
 };
 use tests::packet::decode;
 
@@ -31,6 +34,7 @@ pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Where bpffs is (mounted by the fixture when missing); pin directories go below it.
 const BPFFS: &str = "/sys/fs/bpf";
+static MOUNTING_BPFFS: Mutex<()> = Mutex::new(());
 
 pub(crate) static NEXT_FIXTURE: AtomicU32 = AtomicU32::new(0);
 
@@ -46,8 +50,13 @@ impl Fixture {
     }
 
     pub(crate) fn with_debug(name: &str, debug: bool) -> anyhow::Result<Self> {
-        lb_userspace::loader::ensure_bpffs(Path::new(BPFFS))
-            .with_context(|| format!("mounting bpffs at {BPFFS}"))?;
+        {
+            // Tests run in parallel: two that both found bpffs missing would stack two
+            // mounts, and the second would hide the first one's pins.
+            let _one_at_a_time = MOUNTING_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+            lb_userspace::loader::ensure_bpffs(Path::new(BPFFS))
+                .with_context(|| format!("mounting bpffs at {BPFFS}"))?;
+        }
         let n = NEXT_FIXTURE.fetch_add(1, Ordering::SeqCst);
         let pin_dir = PathBuf::from(format!(
             "{BPFFS}/xdplb-fixture-{}-{}-{name}",
