@@ -9,9 +9,10 @@ use crate::frames::{assert_checksums, build, build_with, l4_off, BE_PORT, V4, V6
 use anyhow::{anyhow, ensure, Context as _};
 use aya::maps::{HashMap, MapData};
 use lb_common::{
-    NeighEntry, NeighKey, IFACE_F_VETH, MAP_NEIGH, PROG_EDGE, PROG_POD, PROTO_TCP, PROTO_UDP,
+    NeighEntry, NeighKey, IFACE_F_GENERIC, IFACE_F_REDIRECT_OK, IFACE_F_VETH, MAP_NEIGH,
+    NAT_F_STACK, NEIGH_TTL_NS, PROG_EDGE, PROG_POD, PROTO_TCP, PROTO_UDP, R_FWD_PASS,
+    R_FWD_REDIRECT,
 };
-use lb_common::{IFACE_F_GENERIC, IFACE_F_REDIRECT_OK, NAT_F_STACK, R_FWD_PASS, R_FWD_REDIRECT};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use tests::packet::{self, decode, NODE_MAC};
 
@@ -75,7 +76,6 @@ fn wait_expired(fx: &mut Fixture, addr: IpAddr, ingress: u32) -> anyhow::Result<
 /// entry expired the new neighbour is looked up, used and cached.
 #[test]
 fn redirects_use_the_cached_next_hop_until_it_expires() -> anyhow::Result<()> {
-    use lb_common::{IFACE_F_REDIRECT_OK, NEIGH_TTL_NS, R_FWD_REDIRECT};
     let ns = FibNetns::new()?;
     let out0_mac = tests::netns::Topology::mac(ns.name(), "out0")?;
     ns.enter(|| {
