@@ -13,9 +13,10 @@
 //! This file depends on std, anyhow and libc only: xtask includes it by path, because
 //! xtask must build before the BPF toolchain (which the tests crate needs) is installed.
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -105,6 +106,47 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
 /// `ip <args>`, which must succeed.
 pub fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(drop)
+}
+
+/// Runs `f` on a thread that entered network namespace `ns` (by its `/run/netns` name) and
+/// returns what it returns. setns(2) moves only the calling thread, so the caller (a test's
+/// thread) never changes namespace; sockets `f` creates stay in `ns`, whichever thread uses
+/// them later.
+pub fn run_in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns(2) on a namespace fd we hold open; CLONE_NEWNET moves only
+                // this thread, which ends when `f` returns.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .map_err(|_| anyhow!("the thread in network namespace {ns} panicked"))?
+    })
+}
+
+/// A bare network namespace of a test's own (no topology in it), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Result<Self> {
+        ip(&["netns", "add", &name])?;
+        Ok(Netns { name })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("deleting namespace {}: {e:#}", self.name);
+        }
+    }
 }
 
 /// A command run inside namespace `ns` (`ip netns exec`, which also gives it a /sys of

@@ -16,11 +16,10 @@ use lb_userspace::loader::{self, SockLb};
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tests::e2e::{self, Agent, EndpointSpec, PinDir, PortSpec, ServiceSpec};
-use tests::netns::{self, Topology};
+use tests::netns::{self, Netns, Topology};
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0xa);
@@ -33,46 +32,6 @@ const HTTP_PORT: u16 = 80;
 const DNS_PORT: u16 = 53;
 const UDP_ECHO_BIN: &str = env!("CARGO_BIN_EXE_udp-echo");
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Runs `f` on a thread that entered network namespace `ns` (setns moves only the
-/// calling thread, so the test harness never changes namespace).
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || -> Result<T> {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns on an fd we own; CLONE_NEWNET switches only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-}
-
-/// A network namespace of the test's own, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Result<Self> {
-        netns::ip(&["netns", "add", &name])?;
-        let ns = Netns(name);
-        netns::ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
 
 /// One HTTP/1.0 GET over `s`; returns the body (the serving pod's name).
 fn http_over(mut s: TcpStream) -> Result<String> {
@@ -196,25 +155,52 @@ fn host_processes_reach_services_through_socket_lb() -> Result<()> {
         "the ClusterIP answered the node before the socket LB was attached: {before:?}"
     );
 
+    let sock = attach_for(&node, &pin)?;
+    curl_from_the_node_reaches_every_frontend(&node, &pod_names, &agent)?;
+    applications_are_shown_the_vip_never_the_pod(&node, &pod_names)?;
+    translated_sockets_are_counted_as_new_flows(&pin)?;
+    other_namespaces_are_not_translated(&topo)?;
+
+    // Detached: the node's connects are no longer translated.
+    sock.detach().context("detaching the socket LB")?;
+    let after = e2e::http_get(&node, &format!("http://{CLUSTER_IP}:{HTTP_PORT}/"));
+    ensure!(
+        after.is_err(),
+        "the ClusterIP still answered the node after detaching: {after:?}"
+    );
+    let status = agent.stop()?;
+    ensure!(status.success(), "lb-agent exited with {status}");
+    Ok(())
+}
+
+/// Attaches the socket programs for namespace `node` (sharing the agent's pins in `pin`),
+/// as lb-agent does, and checks they act for that namespace's cookie.
+fn attach_for(node: &str, pin: &PinDir) -> Result<SockLb> {
     let cgroup = loader::find_cgroup2(None).context("finding cgroup v2")?;
-    let pin_dir = pin.0.clone();
-    let cg = cgroup.clone();
-    let sock = in_netns(&node, move || {
-        Ok(SockLb::attach(lb_userspace::EBPF_OBJ, &pin_dir, &cg)?)
+    let sock = netns::run_in_netns(node, || {
+        Ok(SockLb::attach(lb_userspace::EBPF_OBJ, &pin.0, &cgroup)?)
     })
     .context("attaching the socket LB for the node namespace")?;
-    let node_cookie = in_netns(&node, || Ok(loader::netns_cookie()?))?;
+    let node_cookie = netns::run_in_netns(node, || Ok(loader::netns_cookie()?))?;
     ensure!(
         sock.netns_cookie() == node_cookie && node_cookie != loader::netns_cookie()?,
         "the programs act for namespace cookie {}, the node's is {node_cookie}",
         sock.netns_cookie()
     );
+    Ok(sock)
+}
 
-    // curl from the node (a host process) through the ClusterIP, both families; every
-    // connection is a new socket, so both pods answer over a few requests.
+/// curl from the node (a host process) through the ClusterIP, both families; every
+/// connection is a new socket, so both pods answer over a few requests. Also the
+/// ClientIP-affinity service and the LoadBalancer IP.
+fn curl_from_the_node_reaches_every_frontend(
+    node: &str,
+    pod_names: &BTreeSet<String>,
+    agent: &Agent,
+) -> Result<()> {
     let mut seen = BTreeSet::new();
     for _ in 0..12 {
-        let r = e2e::http_get(&node, &format!("http://{CLUSTER_IP}:{HTTP_PORT}/")).with_context(
+        let r = e2e::http_get(node, &format!("http://{CLUSTER_IP}:{HTTP_PORT}/")).with_context(
             || {
                 format!(
                     "curl the ClusterIP from the node; agent log:\n{}",
@@ -226,97 +212,115 @@ fn host_processes_reach_services_through_socket_lb() -> Result<()> {
         seen.insert(r.body);
     }
     ensure!(
-        seen == pod_names,
+        seen == *pod_names,
         "12 connections from the node reached only {seen:?}"
     );
     // ClientIP affinity: the node is one client, so every connection gets one pod.
     let mut sticky = BTreeSet::new();
     for _ in 0..12 {
-        let r = e2e::http_get(&node, &format!("http://{STICKY_CLUSTER_IP}:{HTTP_PORT}/"))?;
+        let r = e2e::http_get(node, &format!("http://{STICKY_CLUSTER_IP}:{HTTP_PORT}/"))?;
         sticky.insert(r.body);
     }
     ensure!(
-        sticky.len() == 1 && sticky.is_subset(&pod_names),
+        sticky.len() == 1 && sticky.is_subset(pod_names),
         "12 connections to a ClientIP-affinity service reached {sticky:?}"
     );
-    let r6 = e2e::http_get(&node, &format!("http://[{CLUSTER_IP6}]:{HTTP_PORT}/"))?;
+    let r6 = e2e::http_get(node, &format!("http://[{CLUSTER_IP6}]:{HTTP_PORT}/"))?;
     ensure!(
         pod_names.contains(&r6.body),
         "IPv6 ClusterIP answered {r6:?}"
     );
-    let lb = e2e::http_get(&node, &format!("http://{LB_IP}:{HTTP_PORT}/"))?;
+    let lb = e2e::http_get(node, &format!("http://{LB_IP}:{HTTP_PORT}/"))?;
     ensure!(
         pod_names.contains(&lb.body),
         "LoadBalancer IP answered {lb:?}"
     );
+    Ok(())
+}
 
-    // What the application is shown: the VIP, never the pod. TCP over IPv4, over an IPv6
-    // socket through the mapped address, and over IPv6; UDP unconnected (sendmsg/recvmsg)
-    // in both families; UDP connected (socat).
-    let names = pod_names.clone();
-    in_netns(&node, move || {
-        let vip: SocketAddr = (CLUSTER_IP, HTTP_PORT).into();
-        let mapped: SocketAddr =
-            SocketAddrV6::new(CLUSTER_IP.to_ipv6_mapped(), HTTP_PORT, 0, 0).into();
-        let vip6: SocketAddr = (CLUSTER_IP6, HTTP_PORT).into();
-        for to in [vip, mapped, vip6] {
-            let s = TcpStream::connect_timeout(&to, IO_TIMEOUT)
-                .with_context(|| format!("connect {to}"))?;
-            let peer = s.peer_addr()?;
-            ensure!(
-                peer == to,
-                "getpeername after connect({to}) returned {peer}"
-            );
-            let body = http_over(s)?;
-            ensure!(names.contains(&body), "{to} answered {body:?}");
-        }
-        for to in [
-            SocketAddr::from((CLUSTER_IP, DNS_PORT)),
-            // An IPv6 socket: the kernel hands mapped destinations to the IPv4 path.
-            SocketAddrV6::new(CLUSTER_IP.to_ipv6_mapped(), DNS_PORT, 0, 0).into(),
-            SocketAddr::from((CLUSTER_IP6, DNS_PORT)),
-        ] {
-            let (answer, from) = udp_unconnected(to)?;
-            ensure!(names.contains(&answer), "UDP {to} answered {answer:?}");
-            ensure!(
-                from == to,
-                "UDP answer to {to} came from {from}, not the VIP"
-            );
-        }
-        // A service without endpoints fails at once, with kube-proxy's errno.
-        let t = Instant::now();
-        let err = TcpStream::connect_timeout(&(EMPTY_CLUSTER_IP, HTTP_PORT).into(), IO_TIMEOUT)
-            .err()
-            .context("connect to a service without endpoints succeeded")?;
-        ensure!(
-            err.kind() == ErrorKind::ConnectionRefused && t.elapsed() < Duration::from_secs(1),
-            "connect to a service without endpoints: {err} after {:?}",
-            t.elapsed()
-        );
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-        let err = s
-            .send_to(b"x", (EMPTY_CLUSTER_IP, DNS_PORT))
-            .err()
-            .context("sendto a service without endpoints succeeded")?;
-        ensure!(
-            err.kind() == ErrorKind::ConnectionRefused,
-            "sendto a service without endpoints: {err}"
-        );
-        Ok(())
+/// What the application is shown: the VIP, never the pod. TCP over IPv4, over an IPv6
+/// socket through the mapped address, and over IPv6; UDP unconnected (sendmsg/recvmsg)
+/// in both families; UDP connected (socat). A service without endpoints is refused at
+/// once.
+fn applications_are_shown_the_vip_never_the_pod(
+    node: &str,
+    pod_names: &BTreeSet<String>,
+) -> Result<()> {
+    netns::run_in_netns(node, || {
+        sockets_see_the_vip(pod_names)?;
+        sockets_to_a_service_without_endpoints_are_refused()
     })?;
-    let answer = e2e::udp_request(&node, CLUSTER_IP.into(), DNS_PORT, "hi")?;
+    let answer = e2e::udp_request(node, CLUSTER_IP.into(), DNS_PORT, "hi")?;
     ensure!(
         pod_names.contains(&answer),
         "connected UDP answered {answer:?}"
     );
-    let (refused, took) = e2e::tcp_connect(&node, EMPTY_CLUSTER_IP.into(), HTTP_PORT)?;
+    let (refused, took) = e2e::tcp_connect(node, EMPTY_CLUSTER_IP.into(), HTTP_PORT)?;
     ensure!(
         matches!(&refused, Err(e) if e.contains("refused")) && took < Duration::from_secs(1),
         "socat to a service without endpoints: {refused:?} after {took:?}"
     );
+    Ok(())
+}
 
-    // Every translated socket was counted as a new flow of its service port (XDP saw
-    // none of them: the node talked to the pods directly).
+/// Sockets of this process (on a thread in the node namespace): the peer is the VIP.
+fn sockets_see_the_vip(names: &BTreeSet<String>) -> Result<()> {
+    let vip: SocketAddr = (CLUSTER_IP, HTTP_PORT).into();
+    let mapped: SocketAddr = SocketAddrV6::new(CLUSTER_IP.to_ipv6_mapped(), HTTP_PORT, 0, 0).into();
+    let vip6: SocketAddr = (CLUSTER_IP6, HTTP_PORT).into();
+    for to in [vip, mapped, vip6] {
+        let s =
+            TcpStream::connect_timeout(&to, IO_TIMEOUT).with_context(|| format!("connect {to}"))?;
+        let peer = s.peer_addr()?;
+        ensure!(
+            peer == to,
+            "getpeername after connect({to}) returned {peer}"
+        );
+        let body = http_over(s)?;
+        ensure!(names.contains(&body), "{to} answered {body:?}");
+    }
+    for to in [
+        SocketAddr::from((CLUSTER_IP, DNS_PORT)),
+        // An IPv6 socket: the kernel hands mapped destinations to the IPv4 path.
+        SocketAddrV6::new(CLUSTER_IP.to_ipv6_mapped(), DNS_PORT, 0, 0).into(),
+        SocketAddr::from((CLUSTER_IP6, DNS_PORT)),
+    ] {
+        let (answer, from) = udp_unconnected(to)?;
+        ensure!(names.contains(&answer), "UDP {to} answered {answer:?}");
+        ensure!(
+            from == to,
+            "UDP answer to {to} came from {from}, not the VIP"
+        );
+    }
+    Ok(())
+}
+
+/// A service without endpoints fails at once, with kube-proxy's errno.
+fn sockets_to_a_service_without_endpoints_are_refused() -> Result<()> {
+    let t = Instant::now();
+    let err = TcpStream::connect_timeout(&(EMPTY_CLUSTER_IP, HTTP_PORT).into(), IO_TIMEOUT)
+        .err()
+        .context("connect to a service without endpoints succeeded")?;
+    ensure!(
+        err.kind() == ErrorKind::ConnectionRefused && t.elapsed() < Duration::from_secs(1),
+        "connect to a service without endpoints: {err} after {:?}",
+        t.elapsed()
+    );
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let err = s
+        .send_to(b"x", (EMPTY_CLUSTER_IP, DNS_PORT))
+        .err()
+        .context("sendto a service without endpoints succeeded")?;
+    ensure!(
+        err.kind() == ErrorKind::ConnectionRefused,
+        "sendto a service without endpoints: {err}"
+    );
+    Ok(())
+}
+
+/// Every translated socket was counted as a new flow of its service port (XDP saw none of
+/// them: the node talked to the pods directly).
+fn translated_sockets_are_counted_as_new_flows(pin: &PinDir) -> Result<()> {
     let svcs = e2e::lbctl_json(&pin.0, "services")?;
     for (port, at_least) in [("default/web:http/TCP", 17), ("default/web:dns/UDP", 4)] {
         let flows = svcs
@@ -329,22 +333,26 @@ fn host_processes_reach_services_through_socket_lb() -> Result<()> {
             "{port}: {flows} new flows counted, {at_least} sockets translated"
         );
     }
+    Ok(())
+}
 
-    // A namespace that is not the agent's is not translated, although the programs run
-    // for its sockets too (same cgroup): there, the ClusterIP is a local address with a
-    // server of its own, and a connect reaches that server. Translated, it would go to a
-    // pod address this namespace has no route to.
+/// A namespace that is not the agent's is not translated, although the programs run for
+/// its sockets too (same cgroup): there, the ClusterIP is a local address with a server of
+/// its own, and a connect reaches that server. Translated, it would go to a pod address
+/// this namespace has no route to.
+fn other_namespaces_are_not_translated(topo: &Topology) -> Result<()> {
     let other = Netns::new(format!("xdplb-sock-{}-other", topo.prefix))?;
+    netns::ip(&["-n", &other.name, "link", "set", "lo", "up"])?;
     netns::ip(&[
         "-n",
-        &other.0,
+        &other.name,
         "addr",
         "add",
         &format!("{CLUSTER_IP}/32"),
         "dev",
         "lo",
     ])?;
-    in_netns(&other.0, || {
+    netns::run_in_netns(&other.name, || {
         let l = TcpListener::bind((CLUSTER_IP, HTTP_PORT))?;
         let to: SocketAddr = (CLUSTER_IP, HTTP_PORT).into();
         let mut c = TcpStream::connect_timeout(&to, IO_TIMEOUT)
@@ -357,18 +365,7 @@ fn host_processes_reach_services_through_socket_lb() -> Result<()> {
         c.read_to_string(&mut got)?;
         ensure!(got.trim() == "other", "another namespace reached {got:?}");
         Ok(())
-    })?;
-
-    // Detached: the node's connects are no longer translated.
-    sock.detach().context("detaching the socket LB")?;
-    let after = e2e::http_get(&node, &format!("http://{CLUSTER_IP}:{HTTP_PORT}/"));
-    ensure!(
-        after.is_err(),
-        "the ClusterIP still answered the node after detaching: {after:?}"
-    );
-    let status = agent.stop()?;
-    ensure!(status.success(), "lb-agent exited with {status}");
-    Ok(())
+    })
 }
 
 /// Through the real agent: `--host-services` (on by default) attaches the socket programs
