@@ -1537,8 +1537,8 @@ fn is_vip(flags: u32) -> bool {
 mod tests {
     use super::*;
     use crate::maps::MapSnapshot;
-    use lb_common::{AffinityKey, AffinityValue};
     use crate::model::{Endpoint, Frontend, Protocol, ServicePortId, ServicePortState};
+    use lb_common::{AffinityKey, AffinityValue};
     use std::net::{IpAddr, SocketAddr};
 
     /// AFFINITY key in a sortable form: (client, svc_id, scope).

@@ -194,7 +194,7 @@ enum Source {
 impl Source {
     async fn run(self, tx: tokio::sync::watch::Sender<Update>) -> anyhow::Result<()> {
         match self {
-            Source::File(s) => s.run(tx).await,
+            Source::File(s) => s.run(tx).await.map_err(Into::into),
             Source::Kube(s) => s.run(tx).await.map_err(Into::into),
         }
     }
