@@ -3,6 +3,10 @@
 //! [`ObjectStore`] (the file source decodes them with [`decode`]) and turns the store
 //! into a `DesiredState` through `translate`, for the node described by a
 //! `NodeSettings`, so both read objects the same way.
+//!
+//! Layout: `decode` (manifests to objects), `store` ([`Object`], [`ObjectStore`]), and
+//! the two sources, `file` and `kube`, each a directory whose page says how it follows
+//! its origin.
 
 pub mod file;
 pub mod kube;

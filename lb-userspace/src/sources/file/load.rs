@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::error::item_location;
 use super::poll::fingerprint;
 use super::read::parse_documents;
-use super::{FileSource, FileSourceError};
+use super::{FileSource, FileSourceError, ManifestError};
 use crate::model::DesiredState;
 use crate::sources::{decode, DecodeError, Decoded, Located, Object, ObjectStore};
 use crate::translate::ObjectRef;
@@ -33,7 +34,8 @@ impl FileSource {
 
         let translation = store.translate(&self.node);
         warnings.extend(translation.conflicts.iter().map(|c| c.to_string()));
-        self.log_new_messages(&errors, &warnings);
+        let error_texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        self.log_new_messages(&error_texts, &warnings);
         self.store = store;
         self.origin = origin;
         self.errors = errors;
@@ -62,7 +64,7 @@ struct Loading<'a> {
     store: ObjectStore,
     /// File each object of `store` was read from (or kept for).
     origin: BTreeMap<ObjectRef, PathBuf>,
-    errors: Vec<String>,
+    errors: Vec<ManifestError>,
     warnings: Vec<String>,
 }
 
@@ -81,23 +83,23 @@ impl<'a> Loading<'a> {
     /// Reads one file; a file that cannot be read or parsed as a whole keeps every object
     /// it held.
     fn read_file(&mut self, file: &Path) {
-        let shown = file.display().to_string();
-        let docs = match std::fs::read_to_string(file) {
-            Ok(text) => parse_documents(file, &text),
-            Err(e) => Err(format!("cannot read: {e}")),
-        };
+        let docs = std::fs::read_to_string(file)
+            .map_err(|source| ManifestError::Unreadable {
+                path: file.to_owned(),
+                source,
+            })
+            .and_then(|text| parse_documents(file, &text));
         let docs = match docs {
             Ok(docs) => docs,
-            Err(reason) => {
-                let msg = format!("{shown}: {reason}; keeping the objects read from it before");
-                self.errors.push(msg);
+            Err(e) => {
+                self.errors.push(e);
                 self.carry_file(file);
                 return;
             }
         };
         let mut unidentified = false;
-        for (doc_no, doc) in docs {
-            unidentified |= self.read_document(file, &shown, doc_no, doc);
+        for (document, doc) in docs {
+            unidentified |= self.read_document(file, document, doc);
         }
         if unidentified {
             self.carry_file(file);
@@ -106,7 +108,7 @@ impl<'a> Loading<'a> {
 
     /// Applies the objects of one document. True when an item could not even be named,
     /// so that any of the file's previous objects may be the broken one.
-    fn read_document(&mut self, file: &Path, shown: &str, doc_no: usize, doc: Value) -> bool {
+    fn read_document(&mut self, file: &Path, document: usize, doc: Value) -> bool {
         let mut unidentified = false;
         for item in decode(doc) {
             match item {
@@ -115,19 +117,16 @@ impl<'a> Loading<'a> {
                     location,
                 }) => {
                     tracing::debug!(
-                        file = %shown,
+                        file = %file.display(),
                         "{}: ignoring {api_version}/{kind}",
-                        item_location(shown, doc_no, &location)
+                        item_location(file, document, &location)
                     );
                 }
                 Ok(Located {
                     value: Decoded::Object(obj),
                     location,
-                }) => {
-                    let at = item_location(shown, doc_no, &location);
-                    self.apply_object(file, &at, obj);
-                }
-                Err(e) => unidentified |= self.undecodable(file, shown, doc_no, e),
+                }) => self.apply_object(file, document, location, obj),
+                Err(e) => unidentified |= self.undecodable(file, document, e),
             }
         }
         unidentified
@@ -135,23 +134,32 @@ impl<'a> Loading<'a> {
 
     /// Takes a decoded object, unless another file defined it first; an invalid one
     /// keeps its previous version.
-    fn apply_object(&mut self, file: &Path, at: &str, obj: Object) {
+    fn apply_object(&mut self, file: &Path, document: usize, location: String, obj: Object) {
         let key = obj.key();
         if let Some(first) = self.origin.get(&key) {
-            self.errors.push(format!(
-                "{at}: {key}: also defined in {}; the first definition is used",
-                first.display()
-            ));
+            self.errors.push(ManifestError::Duplicate {
+                path: file.to_owned(),
+                document,
+                location,
+                object: Box::new(key),
+                first: first.clone(),
+            });
             return;
         }
         match self.store.apply(obj) {
             Ok(w) => {
                 self.origin.insert(key, file.to_owned());
+                let at = item_location(file, document, &location);
                 self.warnings
                     .extend(w.into_iter().map(|w| format!("{at}: {w}")));
             }
-            Err(e) => {
-                self.errors.push(format!("{at}: {e}"));
+            Err(source) => {
+                self.errors.push(ManifestError::Invalid {
+                    path: file.to_owned(),
+                    document,
+                    location,
+                    source: Box::new(source),
+                });
                 self.carry(&key, file);
             }
         }
@@ -159,14 +167,22 @@ impl<'a> Loading<'a> {
 
     /// Reports an item that did not decode and keeps the previous version of its object.
     /// True when the object could not be named.
-    fn undecodable(&mut self, file: &Path, shown: &str, doc_no: usize, e: DecodeError) -> bool {
-        self.errors.push(format!("{shown}: document {doc_no}: {e}"));
-        match &e.object {
-            Some(key) if !key.name.is_empty() => {
-                self.carry(key, file);
+    fn undecodable(&mut self, file: &Path, document: usize, e: DecodeError) -> bool {
+        let named = match &e.object {
+            Some(key) if !key.name.is_empty() => Some(key.clone()),
+            _ => None,
+        };
+        self.errors.push(ManifestError::Undecodable {
+            path: file.to_owned(),
+            document,
+            source: Box::new(e),
+        });
+        match named {
+            Some(key) => {
+                self.carry(&key, file);
                 false
             }
-            _ => true,
+            None => true,
         }
     }
 
@@ -194,14 +210,5 @@ impl<'a> Loading<'a> {
         for key in keys {
             self.carry(&key, file);
         }
-    }
-}
-
-/// `file: document 2` or `file: document 2, items[3]`, the prefix of an item's messages.
-fn item_location(shown: &str, doc_no: usize, location: &str) -> String {
-    if location.is_empty() {
-        format!("{shown}: document {doc_no}")
-    } else {
-        format!("{shown}: document {doc_no}, {location}")
     }
 }

@@ -33,7 +33,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-pub use error::FileSourceError;
+pub use error::{FileSourceError, ManifestError};
 pub use poll::POLL_INTERVAL;
 
 use super::ObjectStore;
@@ -51,7 +51,7 @@ pub struct FileSource {
     store: ObjectStore,
     /// File each object in the store was read from.
     origin: BTreeMap<ObjectRef, PathBuf>,
-    errors: Vec<String>,
+    errors: Vec<ManifestError>,
     warnings: Vec<String>,
     /// Messages already logged, so an unchanged problem is not logged on every change.
     logged: BTreeSet<String>,
@@ -89,7 +89,7 @@ impl FileSource {
     }
 
     /// Errors from the last load (file, object, field and reason), one per problem.
-    pub fn errors(&self) -> &[String] {
+    pub fn errors(&self) -> &[ManifestError] {
         &self.errors
     }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::FileSourceError;
+use super::{FileSourceError, ManifestError};
 
 /// The manifest files of `path`: the file itself, or the files of the directory whose
 /// names end in `.yaml`, `.yml` or `.json` (any case), hidden files excepted.
@@ -53,23 +53,36 @@ fn is_json(path: &Path) -> bool {
 
 /// Splits a file into documents (numbered from 1). Err: the file as a whole is not valid
 /// YAML (or JSON for `.json` files).
-pub(super) fn parse_documents(path: &Path, text: &str) -> Result<Vec<(usize, Value)>, String> {
+pub(super) fn parse_documents(
+    path: &Path,
+    text: &str,
+) -> Result<Vec<(usize, Value)>, ManifestError> {
     if is_json(path) {
-        let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let v: Value = serde_json::from_str(text).map_err(|source| ManifestError::InvalidJson {
+            path: path.to_owned(),
+            source,
+        })?;
         return Ok(vec![(1, v)]);
     }
     let mut out = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc_no = i + 1;
-        let y = serde_yaml::Value::deserialize(de)
-            .map_err(|e| format!("invalid YAML in document {doc_no}: {e}"))?;
+        let document = i + 1;
+        let y =
+            serde_yaml::Value::deserialize(de).map_err(|source| ManifestError::InvalidYaml {
+                path: path.to_owned(),
+                document,
+                source,
+            })?;
         if y.is_null() {
             // `---` at the end of a file, or a document of only comments.
             continue;
         }
-        let v = serde_json::to_value(&y)
-            .map_err(|e| format!("document {doc_no} cannot be read as JSON-like data: {e}"))?;
-        out.push((doc_no, v));
+        let v = serde_json::to_value(&y).map_err(|source| ManifestError::NotData {
+            path: path.to_owned(),
+            document,
+            source,
+        })?;
+        out.push((document, v));
     }
     Ok(out)
 }

@@ -58,7 +58,9 @@ fn node_object_edits_move_the_node_ports_and_a_bad_edit_keeps_the_last_version()
     let state = src.load().expect("load");
     assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
     assert!(
-        src.errors()[0].contains("Node n1: status.addresses[0].address"),
+        src.errors()[0]
+            .to_string()
+            .contains("Node n1: status.addresses[0].address"),
         "{:?}",
         src.errors()
     );
@@ -95,7 +97,7 @@ fn invalid_edit_keeps_that_object_and_applies_the_others() {
     assert_eq!(after.services[&a], before.services[&a]);
     assert_eq!(vips(&after, &b), vec!["198.18.100.3:80"]);
     assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
-    let msg = &src.errors()[0];
+    let msg = src.errors()[0].to_string();
     assert!(msg.contains("svc.yaml"), "{msg}");
     assert!(msg.contains("document 1"), "{msg}");
     assert!(msg.contains("Service t/a"), "{msg}");
@@ -108,7 +110,7 @@ fn invalid_edit_keeps_that_object_and_applies_the_others() {
     write(&file, &format!("{a_typo}---\n{b_new}"));
     let typo = src.load().expect("load");
     assert_eq!(typo.services[&a], before.services[&a]);
-    let msg = &src.errors()[0];
+    let msg = src.errors()[0].to_string();
     assert!(msg.contains("Service t/a: spec.ports[0].port: "), "{msg}");
 
     // Fixing it applies again and clears the error.
@@ -130,7 +132,9 @@ fn invalid_new_object_is_reported_and_not_added() {
     assert!(state.services.is_empty());
     assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
     assert!(
-        src.errors()[0].contains("Service t/a: spec.clusterIP: \"198.18.100.300\""),
+        src.errors()[0]
+            .to_string()
+            .contains("Service t/a: spec.clusterIP: \"198.18.100.300\""),
         "{:?}",
         src.errors()
     );
@@ -192,7 +196,9 @@ fn unparsable_file_keeps_everything_it_held() {
     );
     assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
     assert!(
-        src.errors()[0].contains("svc.yaml: invalid YAML"),
+        src.errors()[0]
+            .to_string()
+            .contains("svc.yaml: invalid YAML"),
         "{:?}",
         src.errors()
     );
@@ -211,9 +217,9 @@ fn document_without_a_name_keeps_the_files_objects() {
     let after = src.load().expect("load");
     assert_eq!(after, before);
     assert!(
-        src.errors()
-            .iter()
-            .any(|e| e.contains("Service t/<unnamed>: metadata.name: missing")),
+        src.errors().iter().any(|e| e
+            .to_string()
+            .contains("Service t/<unnamed>: metadata.name: missing")),
         "{:?}",
         src.errors()
     );
@@ -239,7 +245,7 @@ fn the_same_object_in_two_files_is_an_error_and_the_first_wins() {
     // The Service and the EndpointSlice are both defined twice.
     assert_eq!(src.errors().len(), 2, "{:?}", src.errors());
     assert!(
-        src.errors()[0].contains("also defined in"),
+        src.errors()[0].to_string().contains("also defined in"),
         "{:?}",
         src.errors()
     );
