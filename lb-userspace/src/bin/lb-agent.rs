@@ -456,15 +456,15 @@ fn attach_host_services(
     }
     let cgroup = loader::find_cgroup2(args.cgroup_root.as_deref())
         .context("--host-services: finding the cgroup v2 hierarchy (--cgroup-root names it; --host-services false runs without)")?;
-    let s = loader::SockLb::attach_with(lb_userspace::EBPF_OBJ, &args.pin_dir, &cgroup, caps)
+    let sock_lb = loader::SockLb::attach_with(lb_userspace::EBPF_OBJ, &args.pin_dir, &cgroup, caps)
         .with_context(|| {
             format!(
                 "--host-services: attaching the socket programs to {}",
                 cgroup.display()
             )
         })?;
-    info!(cgroup = %cgroup.display(), netns_cookie = s.netns_cookie(), "host services: socket programs attached");
-    Ok(Some(s))
+    info!(cgroup = %cgroup.display(), netns_cookie = sock_lb.netns_cookie(), "host services: socket programs attached");
+    Ok(Some(sock_lb))
 }
 
 /// What the main loop drives once the agent is ready.
