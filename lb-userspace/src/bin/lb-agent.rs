@@ -11,8 +11,9 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use lb_userspace::error_chain;
 use lb_userspace::loader::{self, Attacher, IfaceEvent, ModeChoice};
+use lb_userspace::maps::LbMaps;
 use lb_userspace::model::{DesiredState, NodeSettings};
-use lb_userspace::ops::{Ops, SyncOutcome};
+use lb_userspace::ops::{HealthChecks, Ops, Serving, SyncOutcome};
 use lb_userspace::reconciler::{ApplyStats, ReconcileError, Reconciler};
 use lb_userspace::sources::file::FileSource;
 use lb_userspace::sources::kube::{self, KubeSource};
@@ -194,7 +195,7 @@ enum Source {
 impl Source {
     async fn run(self, tx: tokio::sync::watch::Sender<Update>) -> anyhow::Result<()> {
         match self {
-            Source::File(s) => s.run(tx).await,
+            Source::File(s) => s.run(tx).await.map_err(Into::into),
             Source::Kube(s) => s.run(tx).await.map_err(Into::into),
         }
     }
@@ -346,34 +347,15 @@ fn log_stats(stats: &ApplyStats, update: &Update) {
     }
 }
 
+/// The agent from start to stop. Flags and services first: a wrong interface name or path
+/// fails before anything is loaded, pinned or written.
 async fn run(args: Args) -> anyhow::Result<()> {
-    if args.edge_iface.is_empty() && args.pod_iface.is_empty() {
-        bail!("give at least one --edge-iface or --pod-iface");
-    }
-
-    // Flags and services first: a wrong interface name or path fails before anything is
-    // loaded, pinned or written.
-    let present = loader::list_interfaces().context("listing network interfaces")?;
-    if let Some(missing) = args.edge_iface.iter().find(|i| !present.contains_key(*i)) {
-        bail!("--edge-iface {missing}: no such interface");
-    }
-    // Served before the first list (up to --initial-sync-timeout): /healthz answers for
-    // the startup probe, /readyz says 503 until the first sync is in the maps. A port
-    // that cannot be bound is a configuration error: fail now.
-    let ops = Ops::new(&args.pin_dir);
-    let _metrics = ops
-        .serve(args.metrics_bind)
-        .await
-        .with_context(|| format!("--metrics-bind {}", args.metrics_bind))?;
-    let health_checks = ops
-        .health_checks(args.health_check_address)
-        .context("starting the healthCheckNodePort servers")?;
-
+    check_flags(&args)?;
+    let (ops, _metrics, health_checks) = start_ops(&args).await?;
     let (source, first) = open_source(&args).await?;
-    let state = first.state.clone();
 
     let caps = args.capacities();
-    let mut loaded = loader::load_with(lb_userspace::EBPF_OBJ, &args.pin_dir, args.debug, &caps)
+    let loaded = loader::load_with(lb_userspace::EBPF_OBJ, &args.pin_dir, args.debug, &caps)
         .with_context(|| {
             format!(
                 "loading xdplb with maps pinned in {}",
@@ -384,15 +366,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("reading the maps in {}", args.pin_dir.display()))?;
     let (svcs, fes) = rec.counts();
     info!(service_ports = svcs, frontends = fes, pin_dir = %args.pin_dir.display(), "adopted maps");
-
-    // load() / the initial lists above have logged every invalid object with its object
-    // and field.
-    let result = apply(&mut rec, &state);
-    record_sync(&ops, &result, &first);
-    let (stats, _) = result.context("writing the initial state to the maps")?;
-    health_checks.update(&state);
-    // Always at info: after a restart, "0 writes" is how one sees the maps were adopted.
-    info!(writes = stats.writes(), "initial sync: {stats}");
+    initial_sync(&mut rec, &ops, &health_checks, &first)?;
 
     let mut attacher = Attacher::new(
         loaded.ebpf,
@@ -405,21 +379,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     log_events(attacher.start().context("attaching to the interfaces")?);
     // After the first sync, before the ready line: host processes are served from then
     // on. Dropped on any error below, which detaches it.
-    let sock_lb = if args.host_services {
-        let cgroup = loader::find_cgroup2(args.cgroup_root.as_deref())
-            .context("--host-services: finding the cgroup v2 hierarchy (--cgroup-root names it; --host-services false runs without)")?;
-        let s = loader::SockLb::attach_with(lb_userspace::EBPF_OBJ, &args.pin_dir, &cgroup, &caps)
-            .with_context(|| {
-                format!(
-                    "--host-services: attaching the socket programs to {}",
-                    cgroup.display()
-                )
-            })?;
-        info!(cgroup = %cgroup.display(), netns_cookie = s.netns_cookie(), "host services: socket programs attached");
-        Some(s)
-    } else {
-        None
-    };
+    let sock_lb = attach_host_services(&args, &caps)?;
 
     let (svcs, fes) = rec.counts();
     println!(
@@ -428,60 +388,168 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     ops.set_ready();
 
-    let (tx, mut rx) = tokio::sync::watch::channel(first);
-    rx.mark_unchanged();
-    let mut source_task = tokio::spawn(source.run(tx));
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut tick = tokio::time::interval(IFACE_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    let result = loop {
-        tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM"); break Ok(()); }
-            _ = sigint.recv() => { info!("SIGINT"); break Ok(()); }
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    // The source dropped its sender: it ended; its result says why.
-                    break match (&mut source_task).await {
-                        Ok(Ok(())) => Err(anyhow::anyhow!("the services source stopped")),
-                        Ok(Err(e)) => Err(e.context("services source")),
-                        Err(e) => Err(anyhow::Error::new(e).context("services source task")),
-                    };
-                }
-                let update = rx.borrow_and_update().clone();
-                let result = apply(&mut rec, &update.state);
-                record_sync(&ops, &result, &update);
-                // Whatever the maps did: the answers follow the Services' endpoints, as
-                // kube-proxy's do.
-                health_checks.update(&update.state);
-                match result {
-                    Ok((stats, _)) => log_stats(&stats, &update),
-                    // The maps stay usable (write order); the next change re-reads them.
-                    Err(e) => warn!("applying the new services failed: {}", error_chain(&e)),
-                }
-            }
-            res = &mut source_task => {
-                break match res {
-                    Ok(Ok(())) => Err(anyhow::anyhow!("the services source stopped")),
-                    Ok(Err(e)) => Err(e.context("services source")),
-                    Err(e) => Err(anyhow::Error::new(e).context("services source task")),
-                };
-            }
-            _ = tick.tick() => {
-                // /healthz fails when this stops (DEFAULT_STALL_AFTER).
-                ops.heartbeat();
-                log_events(attacher.sync());
-                if let Some(l) = loaded.logger.as_mut() {
-                    l.flush();
-                }
-            }
-        }
+    let mut agent = Agent {
+        rec,
+        attacher,
+        logger: loaded.logger,
+        ops,
+        health_checks,
     };
+    let result = agent.main_loop(source, first).await;
+    shutdown(&args, agent.attacher, sock_lb)?;
+    result
+}
 
-    source_task.abort();
-    // Socket programs first (new host connections stop being translated), then XDP; an
-    // error in one does not keep the other attached.
+/// The flags that can be checked before anything is started.
+fn check_flags(args: &Args) -> anyhow::Result<()> {
+    if args.edge_iface.is_empty() && args.pod_iface.is_empty() {
+        bail!("give at least one --edge-iface or --pod-iface");
+    }
+    let present = loader::list_interfaces().context("listing network interfaces")?;
+    if let Some(missing) = args.edge_iface.iter().find(|i| !present.contains_key(*i)) {
+        bail!("--edge-iface {missing}: no such interface");
+    }
+    Ok(())
+}
+
+/// The metrics server and the healthCheckNodePort servers. Served before the first list
+/// (up to --initial-sync-timeout): /healthz answers for the startup probe, /readyz says
+/// 503 until the first sync is in the maps. A port that cannot be bound is a
+/// configuration error: fail now.
+async fn start_ops(args: &Args) -> anyhow::Result<(Ops, Serving, HealthChecks)> {
+    let ops = Ops::new(&args.pin_dir);
+    let metrics = ops
+        .serve(args.metrics_bind)
+        .await
+        .with_context(|| format!("--metrics-bind {}", args.metrics_bind))?;
+    let health_checks = ops
+        .health_checks(args.health_check_address)
+        .context("starting the healthCheckNodePort servers")?;
+    Ok((ops, metrics, health_checks))
+}
+
+/// Writes the source's first state into the adopted maps.
+fn initial_sync(
+    rec: &mut Reconciler<LbMaps>,
+    ops: &Ops,
+    health_checks: &HealthChecks,
+    first: &Update,
+) -> anyhow::Result<()> {
+    // load() / the initial lists have logged every invalid object with its object and
+    // field.
+    let result = apply(rec, &first.state);
+    record_sync(ops, &result, first);
+    let (stats, _) = result.context("writing the initial state to the maps")?;
+    health_checks.update(&first.state);
+    // Always at info: after a restart, "0 writes" is how one sees the maps were adopted.
+    info!(writes = stats.writes(), "initial sync: {stats}");
+    Ok(())
+}
+
+/// The cgroup socket programs for host processes, unless `--host-services false`.
+fn attach_host_services(
+    args: &Args,
+    caps: &loader::Capacities,
+) -> anyhow::Result<Option<loader::SockLb>> {
+    if !args.host_services {
+        return Ok(None);
+    }
+    let cgroup = loader::find_cgroup2(args.cgroup_root.as_deref())
+        .context("--host-services: finding the cgroup v2 hierarchy (--cgroup-root names it; --host-services false runs without)")?;
+    let sock_lb = loader::SockLb::attach_with(lb_userspace::EBPF_OBJ, &args.pin_dir, &cgroup, caps)
+        .with_context(|| {
+            format!(
+                "--host-services: attaching the socket programs to {}",
+                cgroup.display()
+            )
+        })?;
+    info!(cgroup = %cgroup.display(), netns_cookie = sock_lb.netns_cookie(), "host services: socket programs attached");
+    Ok(Some(sock_lb))
+}
+
+/// What the main loop drives once the agent is ready.
+struct Agent {
+    rec: Reconciler<LbMaps>,
+    attacher: Attacher,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    ops: Ops,
+    health_checks: HealthChecks,
+}
+
+impl Agent {
+    /// Applies the source's updates and follows the interfaces until a signal (Ok) or the
+    /// source ends (its error). The source task is stopped on the way out.
+    async fn main_loop(&mut self, source: Source, first: Update) -> anyhow::Result<()> {
+        let (tx, mut rx) = tokio::sync::watch::channel(first);
+        rx.mark_unchanged();
+        let mut source_task = tokio::spawn(source.run(tx));
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut tick = tokio::time::interval(IFACE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let result = loop {
+            tokio::select! {
+                _ = sigterm.recv() => { info!("SIGTERM"); break Ok(()); }
+                _ = sigint.recv() => { info!("SIGINT"); break Ok(()); }
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        // The source dropped its sender: it ended; its result says why.
+                        break Err(source_ended((&mut source_task).await));
+                    }
+                    let update = rx.borrow_and_update().clone();
+                    self.on_update(&update);
+                }
+                res = &mut source_task => break Err(source_ended(res)),
+                _ = tick.tick() => self.on_tick(),
+            }
+        };
+        source_task.abort();
+        result
+    }
+
+    /// Applies a new state to the maps and the health checks.
+    fn on_update(&mut self, update: &Update) {
+        let result = apply(&mut self.rec, &update.state);
+        record_sync(&self.ops, &result, update);
+        // Whatever the maps did: the answers follow the Services' endpoints, as
+        // kube-proxy's do.
+        self.health_checks.update(&update.state);
+        match result {
+            Ok((stats, _)) => log_stats(&stats, update),
+            // The maps stay usable (write order); the next change re-reads them.
+            Err(e) => warn!("applying the new services failed: {}", error_chain(&e)),
+        }
+    }
+
+    /// Every IFACE_POLL: heartbeat, new and gone interfaces, the programs' log records.
+    fn on_tick(&mut self) {
+        // /healthz fails when this stops (DEFAULT_STALL_AFTER).
+        self.ops.heartbeat();
+        log_events(self.attacher.sync());
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+}
+
+/// Why the services source ended: it never should while the agent runs.
+fn source_ended(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    match res {
+        Ok(Ok(())) => anyhow::anyhow!("the services source stopped"),
+        Ok(Err(e)) => e.context("services source"),
+        Err(e) => anyhow::Error::new(e).context("services source task"),
+    }
+}
+
+/// Stops serving host processes, then detaches or keeps the XDP programs (`--on-exit`);
+/// an error in one does not keep the other attached.
+fn shutdown(
+    args: &Args,
+    mut attacher: Attacher,
+    sock_lb: Option<loader::SockLb>,
+) -> anyhow::Result<()> {
+    // Socket programs first: new host connections stop being translated.
     let sock_detached = sock_lb.map(loader::SockLb::detach).transpose();
     match args.on_exit {
         OnExit::Detach => {
@@ -501,5 +569,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    result
+    Ok(())
 }

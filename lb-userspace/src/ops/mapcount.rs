@@ -135,6 +135,7 @@ fn counts(what: Count, value: &[u8]) -> bool {
     }
 }
 
+/// Counts with BPF_MAP_LOOKUP_BATCH; `Unsupported` when the kernel refuses the first call.
 fn count_batch(
     fd: RawFd,
     key_size: usize,
@@ -143,22 +144,16 @@ fn count_batch(
     what: Count,
     map: &str,
 ) -> Result<u64, BatchFailure> {
-    let map_fd = u32::try_from(fd).map_err(|_| {
+    let failed = |source| {
         BatchFailure::Error(CountError::Syscall {
             call: "bpf_map_lookup_batch",
             map: map.to_owned(),
-            source: std::io::Error::from_raw_os_error(libc::EBADF),
+            source,
         })
-    })?;
-    let mut batch = BATCH;
-    let mut keys = vec![0u8; key_size * batch as usize];
-    let mut values = vec![0u8; value_size * batch as usize];
-    // The batch token is a u32 bucket index for hash maps and a key for arrays; 16 bytes
-    // hold either.
-    let token_len = key_size.max(16);
-    let mut in_batch = vec![0u8; token_len];
-    let mut out_batch = vec![0u8; token_len];
-    let mut first = true;
+    };
+    let map_fd =
+        u32::try_from(fd).map_err(|_| failed(std::io::Error::from_raw_os_error(libc::EBADF)))?;
+    let mut walk = BatchWalk::new(key_size, value_size);
     let mut total = 0u64;
     // Every successful call moves at least one bucket (or array slot) forward; a map has at
     // most `capacity` of either rounded up to a power of two, so this bounds the walk even
@@ -168,18 +163,82 @@ fn count_batch(
     loop {
         calls += 1;
         if calls > max_calls {
-            return Err(BatchFailure::Error(CountError::Syscall {
-                call: "bpf_map_lookup_batch",
-                map: map.to_owned(),
-                source: std::io::Error::other("walk did not end within the map's size"),
-            }));
+            return Err(failed(std::io::Error::other(
+                "walk did not end within the map's size",
+            )));
         }
+        let (r, n) = walk.lookup(map_fd);
+        total += walk.counted(n, what);
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            // A hash bucket holds more entries than the buffer: retry it with a larger one.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && walk.can_grow() => {
+                walk.grow();
+                continue;
+            }
+            Err(e)
+                if walk.first
+                    && n == 0
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+                    ) =>
+            {
+                return Err(BatchFailure::Unsupported)
+            }
+            Err(source) => return Err(failed(source)),
+        }
+        walk.advance();
+    }
+}
+
+/// The buffers and position of a BPF_MAP_LOOKUP_BATCH walk.
+struct BatchWalk {
+    key_size: usize,
+    value_size: usize,
+    /// Entries per call.
+    batch: u32,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    /// Where the next call starts (ignored on the first call).
+    in_batch: Vec<u8>,
+    /// Where the kernel says the walk stopped.
+    out_batch: Vec<u8>,
+    first: bool,
+}
+
+impl BatchWalk {
+    fn new(key_size: usize, value_size: usize) -> Self {
+        let batch = BATCH;
+        // The batch token is a u32 bucket index for hash maps and a key for arrays; 16
+        // bytes hold either.
+        let token_len = key_size.max(16);
+        Self {
+            key_size,
+            value_size,
+            batch,
+            keys: vec![0u8; key_size * batch as usize],
+            values: vec![0u8; value_size * batch as usize],
+            in_batch: vec![0u8; token_len],
+            out_batch: vec![0u8; token_len],
+            first: true,
+        }
+    }
+
+    /// One call: the kernel's answer and how many entries it copied (on success and on
+    /// ENOENT, the end, `count` says how many).
+    fn lookup(&mut self, map_fd: u32) -> (Result<(), std::io::Error>, usize) {
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { in_batch.as_ptr() as u64 },
-            out_batch: out_batch.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: batch,
+            in_batch: if self.first {
+                0
+            } else {
+                self.in_batch.as_ptr() as u64
+            },
+            out_batch: self.out_batch.as_mut_ptr() as u64,
+            keys: self.keys.as_mut_ptr() as u64,
+            values: self.values.as_mut_ptr() as u64,
+            count: self.batch,
             map_fd,
             elem_flags: 0,
             flags: 0,
@@ -190,46 +249,37 @@ fn count_batch(
             &mut attr as *mut BatchAttr as *mut libc::c_void,
             std::mem::size_of::<BatchAttr>(),
         );
-        // On success and on ENOENT (the end) `count` says how many entries were copied.
-        let n = (attr.count.min(batch)) as usize;
-        total += match what {
+        (r, (attr.count.min(self.batch)) as usize)
+    }
+
+    /// How many of the `n` entries the last call copied count.
+    fn counted(&self, n: usize, what: Count) -> u64 {
+        match what {
             Count::Keys => n as u64,
-            Count::ValuesWithFlag { .. } => values
-                .chunks_exact(value_size.max(1))
+            Count::ValuesWithFlag { .. } => self
+                .values
+                .chunks_exact(self.value_size.max(1))
                 .take(n)
                 .filter(|v| counts(what, v))
                 .count() as u64,
-        };
-        match r {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
-            // A hash bucket holds more entries than the buffer: retry it with a larger one.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && batch < 1 << 20 => {
-                batch *= 4;
-                keys.resize(key_size * batch as usize, 0);
-                values.resize(value_size * batch as usize, 0);
-                continue;
-            }
-            Err(e)
-                if first
-                    && n == 0
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
-                    ) =>
-            {
-                return Err(BatchFailure::Unsupported)
-            }
-            Err(source) => {
-                return Err(BatchFailure::Error(CountError::Syscall {
-                    call: "bpf_map_lookup_batch",
-                    map: map.to_owned(),
-                    source,
-                }))
-            }
         }
-        in_batch.copy_from_slice(&out_batch);
-        first = false;
+    }
+
+    fn can_grow(&self) -> bool {
+        self.batch < 1 << 20
+    }
+
+    /// Four times the entries per call.
+    fn grow(&mut self) {
+        self.batch *= 4;
+        self.keys.resize(self.key_size * self.batch as usize, 0);
+        self.values.resize(self.value_size * self.batch as usize, 0);
+    }
+
+    /// The next call continues where the last one stopped.
+    fn advance(&mut self) {
+        self.in_batch.copy_from_slice(&self.out_batch);
+        self.first = false;
     }
 }
 

@@ -130,111 +130,121 @@ fn labels1(k: &'static str, v: &str) -> [(&'static str, String); 1] {
 
 /// Writes the map readings through a prometheus-client encoder.
 pub fn encode_readings(r: &MapReadings, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-    {
-        let m = enc.encode_descriptor(
-            "xdplb_maps_readable",
-            "1 if every map could be read at this scrape, 0 if some could not (the agent logs why at debug level).",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(i64::from(r.errors.is_empty())).encode(m)?;
+    let m = enc.encode_descriptor(
+        "xdplb_maps_readable",
+        "1 if every map could be read at this scrape, 0 if some could not (the agent logs why at debug level).",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(i64::from(r.errors.is_empty())).encode(m)?;
+    encode_services(&r.services, &mut enc)?;
+    encode_reasons(&r.reasons, &mut enc)?;
+    encode_fills(&r.fills, &mut enc)
+}
+
+/// Packets and bytes per service port and direction, and new flows per service port.
+fn encode_services(
+    services: &[ServiceTraffic],
+    enc: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    encode_per_direction(
+        services,
+        enc,
+        "xdplb_service_packets",
+        "Packets per service port: forward (client to backend, after DNAT) and reply (reverse-NATed).",
+        |t| (t.fwd_packets, t.rev_packets),
+    )?;
+    encode_per_direction(
+        services,
+        enc,
+        "xdplb_service_bytes",
+        "Bytes per service port and direction (forward, reply), as the frames were seen.",
+        |t| (t.fwd_bytes, t.rev_bytes),
+    )?;
+    let mut m = enc.encode_descriptor(
+        "xdplb_service_new_flows",
+        "New flows scheduled to a backend per service port.",
+        None,
+        MetricType::Counter,
+    )?;
+    for s in services {
+        ConstCounter::new(s.traffic.new_flows)
+            .encode(m.encode_family(&labels1("service", &s.service))?)?;
     }
-    {
-        let mut m = enc.encode_descriptor(
-            "xdplb_service_packets",
-            "Packets per service port: forward (client to backend, after DNAT) and reply (reverse-NATed).",
-            None,
-            MetricType::Counter,
-        )?;
-        for s in &r.services {
-            for (dir, v) in [
-                ("forward", s.traffic.fwd_packets),
-                ("reply", s.traffic.rev_packets),
-            ] {
-                let l = [
-                    ("service", s.service.clone()),
-                    ("direction", dir.to_owned()),
-                ];
-                ConstCounter::new(v).encode(m.encode_family(&l)?)?;
-            }
+    Ok(())
+}
+
+/// One counter family labelled by service and direction; `forward_reply` picks the two
+/// values from a service port's traffic.
+fn encode_per_direction(
+    services: &[ServiceTraffic],
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    forward_reply: impl Fn(&Traffic) -> (u64, u64),
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for s in services {
+        let (forward, reply) = forward_reply(&s.traffic);
+        for (dir, v) in [("forward", forward), ("reply", reply)] {
+            let l = [
+                ("service", s.service.clone()),
+                ("direction", dir.to_owned()),
+            ];
+            ConstCounter::new(v).encode(m.encode_family(&l)?)?;
         }
     }
-    {
-        let mut m = enc.encode_descriptor(
-            "xdplb_service_bytes",
-            "Bytes per service port and direction (forward, reply), as the frames were seen.",
-            None,
-            MetricType::Counter,
-        )?;
-        for s in &r.services {
-            for (dir, v) in [
-                ("forward", s.traffic.fwd_bytes),
-                ("reply", s.traffic.rev_bytes),
-            ] {
-                let l = [
-                    ("service", s.service.clone()),
-                    ("direction", dir.to_owned()),
-                ];
-                ConstCounter::new(v).encode(m.encode_family(&l)?)?;
-            }
-        }
+    Ok(())
+}
+
+/// Packets by verdict reason, and the drop reasons again as drops.
+fn encode_reasons(
+    reasons: &[(&'static str, u64)],
+    enc: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(
+        "xdplb_packets",
+        "Packets seen by the XDP programs, by verdict reason (each packet counts once).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (reason, n) in reasons {
+        ConstCounter::new(*n).encode(m.encode_family(&labels1("reason", reason))?)?;
     }
-    {
-        let mut m = enc.encode_descriptor(
-            "xdplb_service_new_flows",
-            "New flows scheduled to a backend per service port.",
-            None,
-            MetricType::Counter,
-        )?;
-        for s in &r.services {
-            ConstCounter::new(s.traffic.new_flows)
-                .encode(m.encode_family(&labels1("service", &s.service))?)?;
-        }
+    let mut m = enc.encode_descriptor(
+        "xdplb_drops",
+        "Packets dropped or refused (TCP RST / ICMP unreachable), by reason; a subset of xdplb_packets_total.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (reason, n) in reasons.iter().filter(|(name, _)| is_drop(name)) {
+        ConstCounter::new(*n).encode(m.encode_family(&labels1("reason", reason))?)?;
     }
-    {
-        let mut m = enc.encode_descriptor(
-            "xdplb_packets",
-            "Packets seen by the XDP programs, by verdict reason (each packet counts once).",
-            None,
-            MetricType::Counter,
-        )?;
-        for (reason, n) in &r.reasons {
-            ConstCounter::new(*n).encode(m.encode_family(&labels1("reason", reason))?)?;
-        }
+    Ok(())
+}
+
+/// Entries and capacity per counted map.
+fn encode_fills(
+    fills: &[(&'static str, Fill)],
+    enc: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(
+        "xdplb_map_entries",
+        "Entries in a BPF map (BACKENDS: active backends; MAGLEV: slots of the tables in use).",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (map, f) in fills {
+        ConstGauge::new(clamp_i64(f.entries)).encode(m.encode_family(&labels1("map", map))?)?;
     }
-    {
-        let mut m = enc.encode_descriptor(
-            "xdplb_drops",
-            "Packets dropped or refused (TCP RST / ICMP unreachable), by reason; a subset of xdplb_packets_total.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (reason, n) in r.reasons.iter().filter(|(name, _)| is_drop(name)) {
-            ConstCounter::new(*n).encode(m.encode_family(&labels1("reason", reason))?)?;
-        }
-    }
-    {
-        let mut m = enc.encode_descriptor(
-            "xdplb_map_entries",
-            "Entries in a BPF map (BACKENDS: active backends; MAGLEV: slots of the tables in use).",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (map, f) in &r.fills {
-            ConstGauge::new(clamp_i64(f.entries)).encode(m.encode_family(&labels1("map", map))?)?;
-        }
-    }
-    {
-        let mut m = enc.encode_descriptor(
-            "xdplb_map_capacity",
-            "Capacity (max_entries) of a BPF map; LRU maps (CT, RNAT, AFFINITY) evict beyond it.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (map, f) in &r.fills {
-            ConstGauge::new(clamp_i64(f.capacity))
-                .encode(m.encode_family(&labels1("map", map))?)?;
-        }
+    let mut m = enc.encode_descriptor(
+        "xdplb_map_capacity",
+        "Capacity (max_entries) of a BPF map; LRU maps (CT, RNAT, AFFINITY) evict beyond it.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (map, f) in fills {
+        ConstGauge::new(clamp_i64(f.capacity)).encode(m.encode_family(&labels1("map", map))?)?;
     }
     Ok(())
 }
