@@ -520,15 +520,18 @@ impl Topology {
             .with_context(|| format!("TCP echo in {}", pod.name))
     }
 
-    /// A TCP server on port 7100 (IPv4) that answers each connection with one line,
-    /// `<pod name> <address of the connecting client>`, and closes it: shows whether the
-    /// client's source address reached the pod unchanged.
+    /// A TCP server on port 7100 (IPv4) that answers the first line of each connection
+    /// with one line, `<pod name> <address of the connecting client>`, and closes it:
+    /// shows whether the client's source address reached the pod unchanged.
     pub fn start_peer_echo(&mut self, n: u8) -> Result<()> {
         let pod = self.pod(n)?.clone();
         let listen = format!("TCP4-LISTEN:{POD_PEER_ECHO_PORT},reuseaddr,fork");
         // socat puts the peer's address in SOCAT_PEERADDR for the forked command; no
-        // quotes in the command: socat versions differ in how they parse them.
-        let answer = format!("SYSTEM:echo {} $SOCAT_PEERADDR", pod.name);
+        // quotes in the command: socat versions differ in how they parse them. The command
+        // reads the client's line before answering: a command that exits without reading
+        // it makes socat fail to pass that line on (EPIPE) and close the connection
+        // before relaying the answer, whenever the line arrives first.
+        let answer = format!("SYSTEM:read line; echo {} $SOCAT_PEERADDR", pod.name);
         let log = self.dir.join(format!("peer-echo-{}.log", pod.name));
         self.spawn(&pod.ns, &["socat", &listen, &answer], &log)?;
         wait_for_port(&pod.ns, POD_PEER_ECHO_PORT, false, SERVER_START_TIMEOUT)
