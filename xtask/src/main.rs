@@ -76,6 +76,8 @@ enum Cmd {
     /// Setup, then benchmark the XDP program (`prog`), forwarding to pods (`forward`), TCP
     /// through a VIP (`tcp`) and the control plane (`sync`), against kube-proxy's paths
     /// and no-op baselines: bench/results/<timestamp>-<suite>.json and docs/benchmarks.md.
+    /// `bench report` measures nothing: it regenerates docs/benchmarks.md and the plots in
+    /// bench/results/ from the newest committed result of each suite.
     Bench {
         #[arg(value_enum, default_value = "all")]
         suite: bench::Suite,
@@ -90,7 +92,16 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
-    if !matches!(cli.cmd, Cmd::Build { .. }) {
+    // Building, and regenerating the benchmark page from files, touch nothing of root's.
+    let needs_root = !matches!(
+        cli.cmd,
+        Cmd::Build { .. }
+            | Cmd::Bench {
+                suite: bench::Suite::Report,
+                ..
+            }
+    );
+    if needs_root {
         require_root()?;
     }
     match cli.cmd {
@@ -114,8 +125,9 @@ fn main() -> Result<()> {
             demo(&root, requests)
         }
         Cmd::Bench { suite, quick } => {
-            // With the feature, this is the re-run that bench::run started after setup.
-            if !cfg!(feature = "lb-userspace") {
+            // With the feature, this is the re-run that bench::run started after setup; the
+            // report only reads and writes files.
+            if !cfg!(feature = "lb-userspace") && suite != bench::Suite::Report {
                 setup_toolchain()?;
                 setup_system()?;
             }

@@ -24,10 +24,15 @@
 //! all of them alike, and every ratio is taken within a round.
 
 use super::common::{
-    baseline_versions, install, progress, ratio_per_round, round_order, Bench, InNetns, Installed,
-    NodeLb, Rounds, Summary, PROG_NOOP,
+    baseline_versions, install, progress, round_order, Bench, InNetns, Installed, NodeLb, Rounds,
+    PROG_NOOP,
 };
 use super::kubeproxy::Plan;
+use super::results::forward::{
+    Figures, ForwardResults, Path, PathResult, Point, Traffic, PATHS, TRAFFIC,
+};
+use super::results::stats::ratio_per_round;
+use super::results::Summary;
 use crate::netns::{self, Topology};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::maps::{Array, PerCpuArray};
@@ -35,7 +40,6 @@ use aya::programs::{Xdp, XdpMode};
 use aya::{TestRun, TestRunAttrs, TestRunOptions};
 use lb_common::{IFACE_F_REDIRECT_OK, IFACE_ROLE_POD};
 use lb_userspace::maps::{Ifaces, LbMaps};
-use serde::Serialize;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -82,46 +86,8 @@ mod cfg {
     pub const TARGET0: usize = 12;
 }
 
-/// What carries the packets from the edge to the pods.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Path {
-    /// `xdp_bench_redirect`: redirect to a pod's veth and nothing else.
-    Ceiling,
-    /// lb-agent `--xdp-mode auto`, with the pod veths flagged IFACE_F_REDIRECT_OK by the
-    /// benchmark (their peers run NAPI here): native XDP_REDIRECT into the pod veth.
-    XdplbRedirect,
-    /// lb-agent `--xdp-mode generic`: the program runs on the skb and redirects it.
-    XdplbGeneric,
-    /// lb-agent `--xdp-mode auto` as shipped: native on the edge, NATed frames passed to
-    /// the stack, which routes them to the pod.
-    XdplbStack,
-    /// kube-proxy iptables mode (iptables-restore of kube-proxy's chains).
-    Iptables,
-    /// kube-proxy nftables mode (`nft -f` of kube-proxy's table).
-    Nftables,
-}
-
-pub const PATHS: [Path; 6] = [
-    Path::Ceiling,
-    Path::XdplbRedirect,
-    Path::XdplbGeneric,
-    Path::XdplbStack,
-    Path::Iptables,
-    Path::Nftables,
-];
-
 impl Path {
-    pub fn label(self) -> &'static str {
-        match self {
-            Path::Ceiling => "no-op XDP redirect (ceiling)",
-            Path::XdplbRedirect => "xdplb, native redirect",
-            Path::XdplbGeneric => "xdplb, generic-mode redirect",
-            Path::XdplbStack => "xdplb, pass to stack (default)",
-            Path::Iptables => "kube-proxy iptables",
-            Path::Nftables => "kube-proxy nftables",
-        }
-    }
+    /// Names this path's namespaces.
     fn tag(self) -> &'static str {
         match self {
             Path::Ceiling => "fc",
@@ -140,16 +106,6 @@ impl Path {
     }
 }
 
-/// The traffic of a measurement.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-enum Traffic {
-    /// FLOWS flows, all known before the measurement.
-    Established,
-    /// NEW_FLOWS flows: nearly every packet starts one.
-    NewFlows,
-}
-
 impl Traffic {
     fn flows(self) -> u32 {
         match self {
@@ -159,61 +115,12 @@ impl Traffic {
     }
 }
 
-const TRAFFIC: [Traffic; 2] = [Traffic::Established, Traffic::NewFlows];
-
 /// Length of a new-flows run. Each of its frames leaves a conntrack entry for 30 s (UDP,
 /// unreplied) in the kube-proxy paths' namespaces, all masqueraded from the node's one
 /// address to two pods: past ~2 × 64k entries the masquerade runs out of source ports,
 /// and past nf_conntrack_max (262,144 here) conntrack drops new flows outright. Either is
 /// a flood failure of its own, not the per-flow cost measured here, so the runs are short.
 const NEW_FLOWS_SECONDS: f64 = 0.25;
-
-#[derive(Serialize)]
-struct Figures {
-    /// Frames counted at the pods per second, per round.
-    pps: Summary,
-    /// Frames the generator sent per second, per round.
-    sent_pps: Summary,
-    /// Delivered / sent, per round.
-    delivered_share: Summary,
-    /// Per round: this path's pps / iptables' pps of the same round.
-    vs_iptables: Summary,
-    /// Per round: this path's pps / the ceiling's pps of the same round.
-    vs_ceiling: Summary,
-}
-
-#[derive(Serialize)]
-struct PathResult {
-    path: Path,
-    label: &'static str,
-    /// Setup time of this path (rules or agent start, attach), seconds.
-    setup_s: f64,
-    established: Figures,
-    new_flows: Figures,
-    /// xdplb's verdict counters over the whole point (which path the packets took).
-    reasons: Vec<(String, u64)>,
-}
-
-#[derive(Serialize)]
-struct Point {
-    services: usize,
-    hot: usize,
-    paths: Vec<PathResult>,
-}
-
-#[derive(Serialize)]
-pub struct ForwardResults {
-    rounds: usize,
-    seconds_per_run: f64,
-    seconds_per_new_flows_run: f64,
-    frame_len_on_wire: usize,
-    flows: u32,
-    new_flows: u32,
-    hot_services: usize,
-    iptables_version: String,
-    nft_version: String,
-    points: Vec<Point>,
-}
 
 /// One path's topology and what runs in it. Fields drop in order: the agent and its pins
 /// go before the namespaces are deleted.
@@ -544,7 +451,7 @@ pub fn run(quick: bool) -> Result<ForwardResults> {
             };
             paths.push(PathResult {
                 path: s.path,
-                label: s.path.label(),
+                label: s.path.label().to_string(),
                 setup_s: s.setup_s,
                 established: figures(0, i)?,
                 new_flows: figures(1, i)?,

@@ -5,8 +5,10 @@
 
 use super::common::{
     capacities_for, desired, endpoint_v4, endpoint_v6, progress, service_id, vip_v6, Bench,
-    CapacitiesOut, Shape, Summary, VIP_PORT,
+    VIP_PORT,
 };
+use super::results::sync::{Churn, FullSync, MapMem, SizedSync, SyncResults};
+use super::results::{CapacitiesOut, Shape, Summary};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::maps::{Array, Map, MapData, MapInfo};
 use lb_common::{
@@ -19,96 +21,9 @@ use lb_userspace::model::{
     DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePortState,
 };
 use lb_userspace::reconciler::{ReconcileError, Reconciler};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(Serialize)]
-struct FullSync {
-    shape: Shape,
-    /// Wall time of the first apply on empty maps.
-    ms: f64,
-    /// CPU time of that apply (the calling thread, user and kernel: the map writes are
-    /// system calls), apart from the wall time because the machine is shared: what the
-    /// apply costs rather than how long it waited for a CPU.
-    cpu_user_ms: f64,
-    cpu_sys_ms: f64,
-    services_applied: usize,
-    services_not_applied: usize,
-    /// Why some were not applied: service ports per shortage kind, if any.
-    shortage: Option<String>,
-    /// Map writes of the apply: MAGLEV slots (stored through the map's mmap, or in
-    /// BPF_MAP_UPDATE_BATCH chunks when MAGLEV is not BPF_F_MMAPABLE) and all other entries
-    /// (one batch per map and phase for the bulk of them: backends, names, VIPs,
-    /// frontends; one syscall each for the rest).
-    slots_written: usize,
-    other_writes: usize,
-}
-
-#[derive(Serialize)]
-struct Churn {
-    shape: Shape,
-    changes: usize,
-    /// One endpoint added to or removed from one service port, apply wall time (ms).
-    change_ms: Summary,
-    /// Apply of the unchanged state (the diff alone), same run (ms).
-    unchanged_ms: Summary,
-    /// Median MAGLEV slots written per change.
-    slots_written_p50: f64,
-    /// Mean ns of one BPF_MAP_UPDATE_ELEM on MAGLEV from user space, same run: the unit
-    /// cost of every map write the reconciler makes.
-    map_update_ns: f64,
-}
-
-#[derive(Serialize)]
-struct MapMem {
-    name: String,
-    map_type: String,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    /// BPF_F_* creation flags (BPF_F_MMAPABLE on MAGLEV: tables written through the mmap).
-    map_flags: u32,
-    bytes_memlock: u64,
-}
-
-/// A full sync on maps loaded with capacities sized for its state (`lb-agent --max-*`).
-#[derive(Serialize)]
-struct SizedSync {
-    #[serde(flatten)]
-    sync: FullSync,
-    /// "IPv4" or "IPv6" ClusterIPs and endpoints (100,000 distinct IPv4 ClusterIPs do not
-    /// fit the benchmark's address plan in 198.18.0.0/15).
-    family: &'static str,
-    capacities: CapacitiesOut,
-    maps_total_bytes: u64,
-    /// Everything but the flow tables (CT, RNAT, AFFINITY, SOCK_RNAT), whose size is a
-    /// matter of traffic, not of services.
-    service_maps_bytes: u64,
-    /// service_maps_bytes / service ports.
-    bytes_per_service: f64,
-    /// CT + RNAT bytes per flow of `--max-flows` (one entry in each).
-    bytes_per_flow: f64,
-    /// AFFINITY + SOCK_RNAT (fixed sizes, not scaled by --max-flows).
-    other_flow_maps_bytes: u64,
-}
-
-#[derive(Serialize)]
-pub struct SyncResults {
-    churn: Churn,
-    full_syncs: Vec<FullSync>,
-    /// Full syncs with capacities sized for the state.
-    sized_syncs: Vec<SizedSync>,
-    /// Map memory with capacities sized for 10,000 x 10.
-    sized_maps: Vec<MapMem>,
-    maps: Vec<MapMem>,
-    maps_total_bytes: u64,
-    /// maps_total_bytes / 10,000 service ports (the maps are preallocated, so the total
-    /// does not depend on how many are in use).
-    bytes_per_service_at_10000: f64,
-    limits: Vec<String>,
-}
 
 pub fn run(quick: bool) -> Result<SyncResults> {
     let table10 = lb_userspace::maglev::table_size(10);
@@ -233,7 +148,7 @@ pub fn run(quick: bool) -> Result<SyncResults> {
         }
         sized_syncs.push(SizedSync {
             sync: fs,
-            family,
+            family: family.to_string(),
             capacities: CapacitiesOut::from(&caps),
             maps_total_bytes: total,
             service_maps_bytes: service_maps,

@@ -21,13 +21,14 @@
 //! (`kubeproxy.rs`), the same as `bench forward`'s, with TCP.
 
 use super::common::{
-    baseline_versions, install, progress, ratio_with_ci, round_order, InNetns, Installed, NodeLb,
-    Ratio, Rounds, Summary,
+    baseline_versions, install, progress, round_order, InNetns, Installed, NodeLb, Rounds,
 };
 use super::kubeproxy::Plan;
+use super::results::stats::ratio_with_ci;
+use super::results::tcp::{Path, PathResult, Point, TcpResults, PATHS};
+use super::results::Summary;
 use crate::netns::{self, Topology, POD_HTTP_PORT};
 use anyhow::{bail, Context as _, Result};
-use serde::Serialize;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
@@ -47,24 +48,8 @@ fn client_src(j: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(CLIENT_SRC_BASE) + j as u32)
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Path {
-    Xdplb,
-    Iptables,
-    Nftables,
-}
-
-pub const PATHS: [Path; 3] = [Path::Xdplb, Path::Iptables, Path::Nftables];
-
 impl Path {
-    pub fn label(self) -> &'static str {
-        match self {
-            Path::Xdplb => "xdplb (default mode)",
-            Path::Iptables => "kube-proxy iptables",
-            Path::Nftables => "kube-proxy nftables",
-        }
-    }
+    /// Names this path's namespaces.
     fn tag(self) -> &'static str {
         match self {
             Path::Xdplb => "tx",
@@ -79,56 +64,6 @@ impl Path {
             Path::Nftables => NodeLb::Nftables,
         }
     }
-}
-
-#[derive(Serialize)]
-struct PathResult {
-    path: Path,
-    label: &'static str,
-    /// Completed exchanges per second, per round.
-    conns_per_s: Summary,
-    /// Latency of every exchange of every round, microseconds.
-    latency_us: Summary,
-    /// This path's median latency of each round (µs), summarised over rounds.
-    p50_per_round_us: Summary,
-    /// This path's 99th percentile of each round (µs), summarised over rounds.
-    p99_per_round_us: Summary,
-    /// Per round: this path's median latency / iptables' of the same round.
-    p50_vs_iptables: Ratio,
-    /// Per round: this path's p99 latency / iptables' of the same round.
-    p99_vs_iptables: Ratio,
-    /// Per round: this path's connections/s / iptables' of the same round.
-    rate_vs_iptables: Ratio,
-    /// Per round: this path's median latency / nftables' of the same round.
-    p50_vs_nftables: Ratio,
-    /// Per round: this path's p99 latency / nftables' of the same round.
-    p99_vs_nftables: Ratio,
-    /// Per round: this path's connections/s / nftables' of the same round.
-    rate_vs_nftables: Ratio,
-    /// Per round: this path's median latency / the same path's at the first (smallest)
-    /// service count, measured in the same round: how flat the path is.
-    p50_vs_first_point: Ratio,
-    errors: u64,
-}
-
-#[derive(Serialize)]
-struct Point {
-    services: usize,
-    hot: usize,
-    paths: Vec<PathResult>,
-}
-
-#[derive(Serialize)]
-pub struct TcpResults {
-    rounds: usize,
-    /// Seconds each setup is measured per round, in `slices_per_round` interleaved turns.
-    seconds_per_run: f64,
-    slices_per_round: usize,
-    client_threads: usize,
-    hot_services: usize,
-    iptables_version: String,
-    nft_version: String,
-    points: Vec<Point>,
 }
 
 /// One path of one point. Fields drop in order: the agent and its pins go before the
@@ -372,16 +307,16 @@ pub fn run(quick: bool) -> Result<TcpResults> {
             let i = at(pi, path);
             paths.push(PathResult {
                 path,
-                label: path.label(),
+                label: path.label().to_string(),
                 conns_per_s: Summary::of(&rates[i])?,
                 latency_us: Summary::of(&lats[i])?,
                 p50_per_round_us: Summary::of(&p50s[i])?,
                 p99_per_round_us: Summary::of(&p99s[i])?,
                 p50_vs_iptables: ratio_with_ci(&p50s[i], &p50s[ipt])?,
-                p99_vs_iptables: ratio_with_ci(&p99s[i], &p99s[ipt])?,
+                p99_vs_iptables: Some(ratio_with_ci(&p99s[i], &p99s[ipt])?),
                 rate_vs_iptables: ratio_with_ci(&rates[i], &rates[ipt])?,
-                p50_vs_nftables: ratio_with_ci(&p50s[i], &p50s[nft])?,
-                p99_vs_nftables: ratio_with_ci(&p99s[i], &p99s[nft])?,
+                p50_vs_nftables: Some(ratio_with_ci(&p50s[i], &p50s[nft])?),
+                p99_vs_nftables: Some(ratio_with_ci(&p99s[i], &p99s[nft])?),
                 rate_vs_nftables: ratio_with_ci(&rates[i], &rates[nft])?,
                 p50_vs_first_point: ratio_with_ci(&p50s[i], &p50s[at(0, path)])?,
                 errors: errs[i],
@@ -397,7 +332,7 @@ pub fn run(quick: bool) -> Result<TcpResults> {
                 p.latency_us.p50,
                 p.latency_us.p99,
                 p.p50_vs_iptables.spread.p50,
-                p.p50_vs_nftables.spread.p50,
+                p.p50_vs_nftables.map_or(f64::NAN, |r| r.spread.p50),
                 p.p50_vs_first_point.spread.p50,
                 p.errors
             );
@@ -415,8 +350,8 @@ pub fn run(quick: bool) -> Result<TcpResults> {
         slices_per_round: SLICES,
         client_threads: CLIENT_THREADS,
         hot_services: HOT,
-        iptables_version,
-        nft_version,
+        iptables_version: Some(iptables_version),
+        nft_version: Some(nft_version),
         points,
     })
 }
