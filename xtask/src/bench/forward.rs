@@ -205,31 +205,7 @@ fn build(bench: &mut Bench, path: Path, plan: &Plan) -> Result<Setup> {
         Path::XdplbRedirect | Path::XdplbStack => install(&topo, plan, NodeLb::Agent(&[]))?,
     };
     if path == Path::XdplbRedirect {
-        let pin = lb
-            .pin
-            .as_ref()
-            .ok_or_else(|| anyhow!("the agent left no pin directory"))?;
-        let mut ifaces = Ifaces::open_pinned(&pin.0).context("opening IFACES")?;
-        let pods: Vec<_> = ifaces
-            .list()?
-            .into_iter()
-            .filter(|e| e.role == IFACE_ROLE_POD)
-            .collect();
-        ensure!(
-            pods.len() == topo.pods.len(),
-            "the agent attached {} pod interfaces, not {}",
-            pods.len(),
-            topo.pods.len()
-        );
-        for e in pods {
-            ifaces.set(
-                e.ifindex,
-                lb_common::IfaceInfo {
-                    role: e.role,
-                    flags: e.flags | IFACE_F_REDIRECT_OK,
-                },
-            )?;
-        }
+        allow_redirect_into_pods(&lb, &topo)?;
     }
     let mut pod_host_ifindex = Vec::new();
     for pod in &topo.pods {
@@ -255,6 +231,37 @@ fn build(bench: &mut Bench, path: Path, plan: &Plan) -> Result<Setup> {
         setup_s: t.elapsed().as_secs_f64(),
         reasons_before,
     })
+}
+
+/// Flags the pod veths the agent attached to IFACE_F_REDIRECT_OK: their peers run NAPI
+/// here (`xdp_bench_count`), which a CNI does not give pods, so the agent leaves it off.
+fn allow_redirect_into_pods(lb: &Installed, topo: &Topology) -> Result<()> {
+    let pin = lb
+        .pin
+        .as_ref()
+        .ok_or_else(|| anyhow!("the agent left no pin directory"))?;
+    let mut ifaces = Ifaces::open_pinned(&pin.0).context("opening IFACES")?;
+    let pods: Vec<_> = ifaces
+        .list()?
+        .into_iter()
+        .filter(|e| e.role == IFACE_ROLE_POD)
+        .collect();
+    ensure!(
+        pods.len() == topo.pods.len(),
+        "the agent attached {} pod interfaces, not {}",
+        pods.len(),
+        topo.pods.len()
+    );
+    for e in pods {
+        ifaces.set(
+            e.ifindex,
+            lb_common::IfaceInfo {
+                role: e.role,
+                flags: e.flags | IFACE_F_REDIRECT_OK,
+            },
+        )?;
+    }
+    Ok(())
 }
 
 fn mac_words(m: [u8; 6]) -> (u32, u32) {
@@ -376,108 +383,7 @@ pub fn run(quick: bool) -> Result<ForwardResults> {
     let (iptables_version, nft_version) = baseline_versions();
     let mut points = Vec::new();
     for &services in &c.services {
-        let hot = HOT.min(services);
-        let plan = Plan {
-            services,
-            hot,
-            protocol: "UDP",
-            port: VIP_PORT,
-            target_port: POD_PORT,
-            pods: Vec::new(),
-        };
-        progress(format!(
-            "forward: {services} service port(s): building {} topologies",
-            PATHS.len()
-        ));
-        let mut setups = Vec::new();
-        for path in PATHS {
-            crate::bench::check_interrupt()?;
-            setups.push(build(&mut bench, path, &plan).with_context(|| path.label())?);
-        }
-        // Warm-up: every flow seen (CT entries, conntrack entries, neighbours resolved);
-        // a path that delivers nothing is broken, not slow.
-        for s in &setups {
-            let (pps, _) = measure(&mut bench, s, hot, Traffic::Established, 0.3)?;
-            if pps <= 0.0 {
-                bail!(
-                    "{}: no frame reached the pods during the warm-up{}",
-                    s.path.label(),
-                    s.lb.agent_log()
-                );
-            }
-        }
-        // [traffic][path][round]
-        let mut pps = vec![vec![Vec::new(); setups.len()]; TRAFFIC.len()];
-        let mut sent = pps.clone();
-        for round in 0..c.rounds {
-            progress(format!(
-                "forward: {services} service port(s), round {}/{}",
-                round + 1,
-                c.rounds
-            ));
-            for (t, traffic) in TRAFFIC.iter().enumerate() {
-                for i in round_order(setups.len(), round) {
-                    let secs = match traffic {
-                        Traffic::Established => c.seconds,
-                        Traffic::NewFlows => NEW_FLOWS_SECONDS,
-                    };
-                    let (d, s) = measure(&mut bench, &setups[i], hot, *traffic, secs)?;
-                    pps[t][i].push(d);
-                    sent[t][i].push(s);
-                }
-            }
-        }
-        let idx = |p: Path| PATHS.iter().position(|x| *x == p).unwrap_or(0);
-        let (ipt, ceil) = (idx(Path::Iptables), idx(Path::Ceiling));
-        let figures = |t: usize, i: usize| -> Result<Figures> {
-            Ok(Figures {
-                pps: Summary::of(&pps[t][i])?,
-                sent_pps: Summary::of(&sent[t][i])?,
-                delivered_share: ratio_per_round(&pps[t][i], &sent[t][i])?,
-                vs_iptables: ratio_per_round(&pps[t][i], &pps[t][ipt])?,
-                vs_ceiling: ratio_per_round(&pps[t][i], &pps[t][ceil])?,
-            })
-        };
-        let mut paths = Vec::new();
-        for (i, s) in setups.iter().enumerate() {
-            let reasons = match &s.lb.pin {
-                Some(p) if s.path.is_xdplb() => reasons(&p.0)?
-                    .into_iter()
-                    .zip(&s.reasons_before)
-                    .map(|((n, v), (_, b))| (n, v.saturating_sub(*b)))
-                    .filter(|(_, v)| *v > 0)
-                    .collect(),
-                _ => Vec::new(),
-            };
-            paths.push(PathResult {
-                path: s.path,
-                label: s.path.label().to_string(),
-                setup_s: s.setup_s,
-                established: figures(0, i)?,
-                new_flows: figures(1, i)?,
-                reasons,
-            });
-        }
-        for p in &paths {
-            eprintln!(
-                "    {:>6} services  {:32} established {:>6.3} Mpps x{:.2} iptables {:>3.0}% \
-                 of ceiling; new flows {:>6.3} Mpps x{:.2} iptables",
-                services,
-                p.label,
-                p.established.pps.p50 / 1e6,
-                p.established.vs_iptables.p50,
-                p.established.vs_ceiling.p50 * 100.0,
-                p.new_flows.pps.p50 / 1e6,
-                p.new_flows.vs_iptables.p50,
-            );
-        }
-        points.push(Point {
-            services,
-            hot,
-            paths,
-        });
-        // Tear this point's topologies down before the next one is built.
-        drop(setups);
+        points.push(measure_point(&mut bench, &c, services)?);
     }
     Ok(ForwardResults {
         rounds: c.rounds,
@@ -491,4 +397,141 @@ pub fn run(quick: bool) -> Result<ForwardResults> {
         nft_version,
         points,
     })
+}
+
+/// Every path at one service count: their topologies built, warmed up, measured in
+/// rounds, summarised, and torn down before the next point is built.
+fn measure_point(bench: &mut Bench, c: &Rounds, services: usize) -> Result<Point> {
+    let hot = HOT.min(services);
+    let plan = Plan {
+        services,
+        hot,
+        protocol: "UDP",
+        port: VIP_PORT,
+        target_port: POD_PORT,
+        pods: Vec::new(),
+    };
+    progress(format!(
+        "forward: {services} service port(s): building {} topologies",
+        PATHS.len()
+    ));
+    let mut setups = Vec::new();
+    for path in PATHS {
+        crate::bench::check_interrupt()?;
+        setups.push(build(bench, path, &plan).with_context(|| path.label())?);
+    }
+    warm_up(bench, &setups, hot)?;
+    let samples = measure_rounds(bench, &setups, hot, c, services)?;
+    let paths = path_results(&setups, &samples)?;
+    for p in &paths {
+        eprintln!(
+            "    {:>6} services  {:32} established {:>6.3} Mpps x{:.2} iptables {:>3.0}% \
+             of ceiling; new flows {:>6.3} Mpps x{:.2} iptables",
+            services,
+            p.label,
+            p.established.pps.p50 / 1e6,
+            p.established.vs_iptables.p50,
+            p.established.vs_ceiling.p50 * 100.0,
+            p.new_flows.pps.p50 / 1e6,
+            p.new_flows.vs_iptables.p50,
+        );
+    }
+    // Tear this point's topologies down before the next one is built.
+    drop(setups);
+    Ok(Point {
+        services,
+        hot,
+        paths,
+    })
+}
+
+/// Every flow seen (CT entries, conntrack entries, neighbours resolved); a path that
+/// delivers nothing is broken, not slow.
+fn warm_up(bench: &mut Bench, setups: &[Setup], hot: usize) -> Result<()> {
+    for s in setups {
+        let (pps, _) = measure(bench, s, hot, Traffic::Established, 0.3)?;
+        if pps <= 0.0 {
+            bail!(
+                "{}: no frame reached the pods during the warm-up{}",
+                s.path.label(),
+                s.lb.agent_log()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Delivered and sent frames per second, indexed `[traffic][path][round]`.
+struct Samples {
+    pps: Vec<Vec<Vec<f64>>>,
+    sent: Vec<Vec<Vec<f64>>>,
+}
+
+/// `c.rounds` rounds, each measuring every path in turn with each traffic.
+fn measure_rounds(
+    bench: &mut Bench,
+    setups: &[Setup],
+    hot: usize,
+    c: &Rounds,
+    services: usize,
+) -> Result<Samples> {
+    let mut pps = vec![vec![Vec::new(); setups.len()]; TRAFFIC.len()];
+    let mut sent = pps.clone();
+    for round in 0..c.rounds {
+        progress(format!(
+            "forward: {services} service port(s), round {}/{}",
+            round + 1,
+            c.rounds
+        ));
+        for (t, traffic) in TRAFFIC.iter().enumerate() {
+            for i in round_order(setups.len(), round) {
+                let secs = match traffic {
+                    Traffic::Established => c.seconds,
+                    Traffic::NewFlows => NEW_FLOWS_SECONDS,
+                };
+                let (d, s) = measure(bench, &setups[i], hot, *traffic, secs)?;
+                pps[t][i].push(d);
+                sent[t][i].push(s);
+            }
+        }
+    }
+    Ok(Samples { pps, sent })
+}
+
+/// Each path's figures, its ratios taken within each round, and xdplb's verdicts over
+/// the point.
+fn path_results(setups: &[Setup], samples: &Samples) -> Result<Vec<PathResult>> {
+    let Samples { pps, sent } = samples;
+    let idx = |p: Path| PATHS.iter().position(|x| *x == p).unwrap_or(0);
+    let (ipt, ceil) = (idx(Path::Iptables), idx(Path::Ceiling));
+    let figures = |t: usize, i: usize| -> Result<Figures> {
+        Ok(Figures {
+            pps: Summary::of(&pps[t][i])?,
+            sent_pps: Summary::of(&sent[t][i])?,
+            delivered_share: ratio_per_round(&pps[t][i], &sent[t][i])?,
+            vs_iptables: ratio_per_round(&pps[t][i], &pps[t][ipt])?,
+            vs_ceiling: ratio_per_round(&pps[t][i], &pps[t][ceil])?,
+        })
+    };
+    let mut paths = Vec::new();
+    for (i, s) in setups.iter().enumerate() {
+        let reasons = match &s.lb.pin {
+            Some(p) if s.path.is_xdplb() => reasons(&p.0)?
+                .into_iter()
+                .zip(&s.reasons_before)
+                .map(|((n, v), (_, b))| (n, v.saturating_sub(*b)))
+                .filter(|(_, v)| *v > 0)
+                .collect(),
+            _ => Vec::new(),
+        };
+        paths.push(PathResult {
+            path: s.path,
+            label: s.path.label().to_string(),
+            setup_s: s.setup_s,
+            established: figures(0, i)?,
+            new_flows: figures(1, i)?,
+            reasons,
+        });
+    }
+    Ok(paths)
 }

@@ -219,109 +219,13 @@ pub fn run(quick: bool) -> Result<TcpResults> {
     // topologies. `--quick` only checks that every path works.
     let c = Rounds::new(quick, (2, 0.4), (31, 0.4));
     let (iptables_version, nft_version) = baseline_versions();
-    // Every (point, path), point-major: setup `p * PATHS.len() + k` is path k of point p.
-    let mut setups = Vec::new();
-    let mut hots = Vec::new();
-    for &services in &c.services {
-        let hot = HOT.min(services);
-        hots.push(hot);
-        let plan = Plan {
-            services,
-            hot,
-            protocol: "TCP",
-            port: VIP_PORT,
-            target_port: POD_HTTP_PORT,
-            pods: Vec::new(),
-        };
-        progress(format!(
-            "tcp: {services} service port(s): building {} topologies",
-            PATHS.len()
-        ));
-        for path in PATHS {
-            crate::bench::check_interrupt()?;
-            let s = build(path, &plan)
-                .with_context(|| format!("{} at {services} service ports", path.label()))?;
-            setups.push(s);
-        }
-    }
+    let (setups, hots) = build_all(&c)?;
     let hot_of = |i: usize| hots[i / PATHS.len()];
-    // The client's SYNs to a VIP leave through the node; answer-less runs mean a broken
-    // path, not a slow one.
-    for (i, s) in setups.iter().enumerate() {
-        let (_, lat, errors) = measure(s, hot_of(i), 0.3)?;
-        if lat.is_empty() {
-            bail!(
-                "{}: no exchange succeeded during the warm-up ({errors} errors){}",
-                s.path.label(),
-                s.lb.agent_log()
-            );
-        }
-    }
-    let n = setups.len();
-    let mut rates = vec![Vec::new(); n];
-    let mut p50s = vec![Vec::new(); n];
-    let mut p99s = vec![Vec::new(); n];
-    let mut lats = vec![Vec::new(); n];
-    let mut errs = vec![0u64; n];
-    for round in 0..c.rounds {
-        progress(format!("tcp: round {}/{}", round + 1, c.rounds));
-        // A round gives every setup `c.seconds` in SLICES turns, interleaved, so setups that
-        // are compared (paths at one service count, one path across service counts) are
-        // measured within a fraction of a second of each other: the machine's slow phases
-        // (seconds long) then move both sides of a ratio alike instead of only one of them.
-        let mut secs = vec![0.0; n];
-        let mut round_lat = vec![Vec::new(); n];
-        for slice in 0..SLICES {
-            for i in round_order(n, round + slice) {
-                let (el, lat, e) = measure(&setups[i], hot_of(i), c.seconds / SLICES as f64)?;
-                secs[i] += el;
-                round_lat[i].extend(lat);
-                errs[i] += e;
-            }
-        }
-        for (i, lat) in round_lat.into_iter().enumerate() {
-            let sum = Summary::of(&lat).with_context(|| {
-                format!(
-                    "{} at {} service ports: no exchange succeeded in round {} ({} errors \
-                     so far)",
-                    setups[i].path.label(),
-                    c.services[i / PATHS.len()],
-                    round + 1,
-                    errs[i]
-                )
-            })?;
-            rates[i].push(lat.len() as f64 / secs[i]);
-            p50s[i].push(sum.p50);
-            p99s[i].push(sum.p99);
-            lats[i].extend(lat);
-        }
-    }
-    let at = |point: usize, p: Path| {
-        point * PATHS.len() + PATHS.iter().position(|x| *x == p).unwrap_or(0)
-    };
+    warm_up(&setups, hot_of)?;
+    let samples = measure_rounds(&setups, hot_of, &c)?;
     let mut points = Vec::new();
     for (pi, &services) in c.services.iter().enumerate() {
-        let (ipt, nft) = (at(pi, Path::Iptables), at(pi, Path::Nftables));
-        let mut paths = Vec::new();
-        for path in PATHS {
-            let i = at(pi, path);
-            paths.push(PathResult {
-                path,
-                label: path.label().to_string(),
-                conns_per_s: Summary::of(&rates[i])?,
-                latency_us: Summary::of(&lats[i])?,
-                p50_per_round_us: Summary::of(&p50s[i])?,
-                p99_per_round_us: Summary::of(&p99s[i])?,
-                p50_vs_iptables: ratio_with_ci(&p50s[i], &p50s[ipt])?,
-                p99_vs_iptables: Some(ratio_with_ci(&p99s[i], &p99s[ipt])?),
-                rate_vs_iptables: ratio_with_ci(&rates[i], &rates[ipt])?,
-                p50_vs_nftables: Some(ratio_with_ci(&p50s[i], &p50s[nft])?),
-                p99_vs_nftables: Some(ratio_with_ci(&p99s[i], &p99s[nft])?),
-                rate_vs_nftables: ratio_with_ci(&rates[i], &rates[nft])?,
-                p50_vs_first_point: ratio_with_ci(&p50s[i], &p50s[at(0, path)])?,
-                errors: errs[i],
-            });
-        }
+        let paths = path_results(&samples, pi)?;
         for p in &paths {
             eprintln!(
                 "    {:>6} services  {:24} {:>7.0} conn/s  p50 {:>6.0} µs  p99 {:>6.0} µs  \
@@ -354,4 +258,145 @@ pub fn run(quick: bool) -> Result<TcpResults> {
         nft_version: Some(nft_version),
         points,
     })
+}
+
+/// Every (point, path), point-major: setup `p * PATHS.len() + k` is path k of point p;
+/// with the hot services of each point.
+fn build_all(c: &Rounds) -> Result<(Vec<Setup>, Vec<usize>)> {
+    let mut setups = Vec::new();
+    let mut hots = Vec::new();
+    for &services in &c.services {
+        let hot = HOT.min(services);
+        hots.push(hot);
+        let plan = Plan {
+            services,
+            hot,
+            protocol: "TCP",
+            port: VIP_PORT,
+            target_port: POD_HTTP_PORT,
+            pods: Vec::new(),
+        };
+        progress(format!(
+            "tcp: {services} service port(s): building {} topologies",
+            PATHS.len()
+        ));
+        for path in PATHS {
+            crate::bench::check_interrupt()?;
+            let s = build(path, &plan)
+                .with_context(|| format!("{} at {services} service ports", path.label()))?;
+            setups.push(s);
+        }
+    }
+    Ok((setups, hots))
+}
+
+/// The client's SYNs to a VIP leave through the node; answer-less runs mean a broken
+/// path, not a slow one.
+fn warm_up(setups: &[Setup], hot_of: impl Fn(usize) -> usize) -> Result<()> {
+    for (i, s) in setups.iter().enumerate() {
+        let (_, lat, errors) = measure(s, hot_of(i), 0.3)?;
+        if lat.is_empty() {
+            bail!(
+                "{}: no exchange succeeded during the warm-up ({errors} errors){}",
+                s.path.label(),
+                s.lb.agent_log()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Per setup (indexed as [`build_all`]'s): connections/s, p50 and p99 of each round,
+/// every latency of every round (µs), and the errors.
+struct Samples {
+    rates: Vec<Vec<f64>>,
+    p50s: Vec<Vec<f64>>,
+    p99s: Vec<Vec<f64>>,
+    lats: Vec<Vec<f64>>,
+    errs: Vec<u64>,
+}
+
+fn measure_rounds(
+    setups: &[Setup],
+    hot_of: impl Fn(usize) -> usize,
+    c: &Rounds,
+) -> Result<Samples> {
+    let n = setups.len();
+    let mut m = Samples {
+        rates: vec![Vec::new(); n],
+        p50s: vec![Vec::new(); n],
+        p99s: vec![Vec::new(); n],
+        lats: vec![Vec::new(); n],
+        errs: vec![0u64; n],
+    };
+    for round in 0..c.rounds {
+        progress(format!("tcp: round {}/{}", round + 1, c.rounds));
+        // A round gives every setup `c.seconds` in SLICES turns, interleaved, so setups that
+        // are compared (paths at one service count, one path across service counts) are
+        // measured within a fraction of a second of each other: the machine's slow phases
+        // (seconds long) then move both sides of a ratio alike instead of only one of them.
+        let mut secs = vec![0.0; n];
+        let mut round_lat = vec![Vec::new(); n];
+        for slice in 0..SLICES {
+            for i in round_order(n, round + slice) {
+                let (el, lat, e) = measure(&setups[i], hot_of(i), c.seconds / SLICES as f64)?;
+                secs[i] += el;
+                round_lat[i].extend(lat);
+                m.errs[i] += e;
+            }
+        }
+        for (i, lat) in round_lat.into_iter().enumerate() {
+            let sum = Summary::of(&lat).with_context(|| {
+                format!(
+                    "{} at {} service ports: no exchange succeeded in round {} ({} errors \
+                     so far)",
+                    setups[i].path.label(),
+                    c.services[i / PATHS.len()],
+                    round + 1,
+                    m.errs[i]
+                )
+            })?;
+            m.rates[i].push(lat.len() as f64 / secs[i]);
+            m.p50s[i].push(sum.p50);
+            m.p99s[i].push(sum.p99);
+            m.lats[i].extend(lat);
+        }
+    }
+    Ok(m)
+}
+
+/// The figures of every path at point `pi`, its ratios taken within each round.
+fn path_results(m: &Samples, pi: usize) -> Result<Vec<PathResult>> {
+    let at = |point: usize, p: Path| {
+        point * PATHS.len() + PATHS.iter().position(|x| *x == p).unwrap_or(0)
+    };
+    let (ipt, nft) = (at(pi, Path::Iptables), at(pi, Path::Nftables));
+    let Samples {
+        rates,
+        p50s,
+        p99s,
+        lats,
+        errs,
+    } = m;
+    let mut paths = Vec::new();
+    for path in PATHS {
+        let i = at(pi, path);
+        paths.push(PathResult {
+            path,
+            label: path.label().to_string(),
+            conns_per_s: Summary::of(&rates[i])?,
+            latency_us: Summary::of(&lats[i])?,
+            p50_per_round_us: Summary::of(&p50s[i])?,
+            p99_per_round_us: Summary::of(&p99s[i])?,
+            p50_vs_iptables: ratio_with_ci(&p50s[i], &p50s[ipt])?,
+            p99_vs_iptables: Some(ratio_with_ci(&p99s[i], &p99s[ipt])?),
+            rate_vs_iptables: ratio_with_ci(&rates[i], &rates[ipt])?,
+            p50_vs_nftables: Some(ratio_with_ci(&p50s[i], &p50s[nft])?),
+            p99_vs_nftables: Some(ratio_with_ci(&p99s[i], &p99s[nft])?),
+            rate_vs_nftables: ratio_with_ci(&rates[i], &rates[nft])?,
+            p50_vs_first_point: ratio_with_ci(&p50s[i], &p50s[at(0, path)])?,
+            errors: errs[i],
+        });
+    }
+    Ok(paths)
 }

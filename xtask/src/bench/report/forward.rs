@@ -22,7 +22,8 @@ pub fn section(
         run,
     )?;
     let r = &run.results;
-    method(md, r)?;
+    topology_and_generator(md, r)?;
+    counting_and_paths(md, r)?;
     table(md, &r.points)?;
     plots(md, root, &r.points)?;
     targets(md, &r.points)?;
@@ -31,8 +32,8 @@ pub fn section(
     Ok(())
 }
 
-/// The topology, the generator, the counting and the paths.
-fn method(md: &mut String, r: &ForwardResults) -> Result<()> {
+/// The topology and the generator.
+fn topology_and_generator(md: &mut String, r: &ForwardResults) -> Result<()> {
     let points = &r.points;
     writeln!(
         md,
@@ -81,6 +82,11 @@ fn method(md: &mut String, r: &ForwardResults) -> Result<()> {
         r.seconds_per_run,
         r.rounds
     )?;
+    Ok(())
+}
+
+/// How the frames are counted, and what each path runs.
+fn counting_and_paths(md: &mut String, r: &ForwardResults) -> Result<()> {
     writeln!(
         md,
         "**Counting.** `xdp_bench_count` on each pod's eth0 (native XDP) counts and drops \
