@@ -99,7 +99,6 @@ pub fn run(quick: bool) -> Result<ProgResults> {
     // One more run than reported: the first warms caches and clocks up and is discarded
     // (without it, whichever point ran first came out ~10% slower).
     let total_runs = cfg.runs + 1;
-    let mut live = Vec::with_capacity(all.len());
     // The first object loaded in the process ran new flows ~5-8% slower than every later
     // one, whatever its point (measured: 1 service port first gave ×0.94 at 100,000 against
     // 1; the same points loaded in reverse order gave ×1.02), which made new flows look
@@ -108,6 +107,28 @@ pub fn run(quick: bool) -> Result<ProgResults> {
     let (first_state, _) = desired(all[0].1);
     let _decoy = Bench::load_with("prog-decoy", &capacities_for(&first_state))
         .context("loading the unmeasured first object")?;
+    let mut live = set_up_points(&all, total_runs, cfg.calls)?;
+    measure_runs(&mut live, &cfg, total_runs)?;
+    let points = finish_points(live, total_runs, cfg.calls)?;
+    Ok(ProgResults {
+        runs: cfg.runs,
+        calls_per_run: cfg.calls,
+        method: "BPF_PROG_TEST_RUN, repeat=1 per call, kernel-reported duration; \
+                 per run the mean over calls_per_run calls; median and p10/p90 over runs; \
+                 ratio per run against xdp_noop measured in the same run; every point \
+                 loaded with capacities sized for its state (+10%), flow tables at their \
+                 defaults"
+            .to_string(),
+        programs: [Case::Miss, Case::NewFlow, Case::Established, Case::Reply]
+            .map(|c| (c, c.program().to_string()))
+            .to_vec(),
+        points,
+    })
+}
+
+/// Loads every point of the sweeps, each with its own object and maps.
+fn set_up_points(all: &[(Sweep, Shape)], total_runs: usize, calls: usize) -> Result<Vec<Live>> {
+    let mut live = Vec::with_capacity(all.len());
     for (i, (sweep, shape)) in all.iter().enumerate() {
         eprintln!(
             "bench prog: setting up point {}/{}: {} service ports, {} frontends, {} \
@@ -119,10 +140,15 @@ pub fn run(quick: bool) -> Result<ProgResults> {
             shape.endpoints
         );
         live.push(
-            setup(*sweep, *shape, total_runs, cfg.calls)
+            setup(*sweep, *shape, total_runs, calls)
                 .with_context(|| format!("setting up point {shape:?}"))?,
         );
     }
+    Ok(live)
+}
+
+/// Every run measures each point in turn.
+fn measure_runs(live: &mut [Live], cfg: &Config, total_runs: usize) -> Result<()> {
     // All points are loaded at once and every run measures each of them in turn, so a
     // noisy phase of the (shared) machine hits all points alike instead of one of them.
     let t = Instant::now();
@@ -138,6 +164,11 @@ pub fn run(quick: bool) -> Result<ProgResults> {
             progress(format!("run {}/{}", r + 1, total_runs));
         }
     }
+    Ok(())
+}
+
+/// Checks and summarises every point, its flatness against its sweep's first point.
+fn finish_points(live: Vec<Live>, total_runs: usize, calls: usize) -> Result<Vec<Point>> {
     let mut points = Vec::with_capacity(live.len());
     // Per point and case, the per-run ratios to the no-op; a sweep's first point is its
     // reference for flatness (points are in sweep order).
@@ -148,7 +179,7 @@ pub fn run(quick: bool) -> Result<ProgResults> {
         .collect();
     for (k, l) in live.into_iter().enumerate() {
         let shape = l.shape;
-        let p = finish(l, total_runs, cfg.calls, &ratios[firsts[k]])
+        let p = finish(l, total_runs, calls, &ratios[firsts[k]])
             .with_context(|| format!("point {shape:?}"))?;
         eprintln!(
             "bench prog: {} service ports, {} frontends, {} endpoints each",
@@ -170,20 +201,7 @@ pub fn run(quick: bool) -> Result<ProgResults> {
         }
         points.push(p);
     }
-    Ok(ProgResults {
-        runs: cfg.runs,
-        calls_per_run: cfg.calls,
-        method: "BPF_PROG_TEST_RUN, repeat=1 per call, kernel-reported duration; \
-                 per run the mean over calls_per_run calls; median and p10/p90 over runs; \
-                 ratio per run against xdp_noop measured in the same run; every point \
-                 loaded with capacities sized for its state (+10%), flow tables at their \
-                 defaults"
-            .to_string(),
-        programs: [Case::Miss, Case::NewFlow, Case::Established, Case::Reply]
-            .map(|c| (c, c.program().to_string()))
-            .to_vec(),
-        points,
-    })
+    Ok(points)
 }
 
 /// Runs the benchmark in a network namespace of its own: `bpf_fib_lookup` in the program
