@@ -388,13 +388,13 @@ fn where_time_goes(md: &mut String, points: &[Point]) -> Result<()> {
     let Some(p) = points.first() else {
         return Ok(());
     };
-    let g = |c: Case| p.case(c, Family::Ipv4).map_or(f64::NAN, |x| x.ns.p50);
+    let median_ns = |c: Case| p.case(c, Family::Ipv4).map_or(f64::NAN, |x| x.ns.p50);
     let (noop, noop_rep) = (p.noop.p50, p.noop_repeat.p50);
     let (miss, new, est, reply) = (
-        g(Case::Miss),
-        g(Case::NewFlow),
-        g(Case::Established),
-        g(Case::Reply),
+        median_ns(Case::Miss),
+        median_ns(Case::NewFlow),
+        median_ns(Case::Established),
+        median_ns(Case::Reply),
     );
     writeln!(md, "### Where the time goes\n")?;
     writeln!(
