@@ -77,7 +77,8 @@ enum Cmd {
     /// through a VIP (`tcp`) and the control plane (`sync`), against kube-proxy's paths
     /// and no-op baselines: bench/results/<timestamp>-<suite>.json and docs/benchmarks.md.
     /// `bench report` measures nothing: it regenerates docs/benchmarks.md and the plots in
-    /// bench/results/ from the newest committed result of each suite.
+    /// bench/results/ from the newest result of each suite there (full runs before `--quick`
+    /// ones).
     Bench {
         #[arg(value_enum, default_value = "all")]
         suite: bench::Suite,
