@@ -76,6 +76,9 @@ enum Cmd {
     /// Setup, then benchmark the XDP program (`prog`), forwarding to pods (`forward`), TCP
     /// through a VIP (`tcp`) and the control plane (`sync`), against kube-proxy's paths
     /// and no-op baselines: bench/results/<timestamp>-<suite>.json and docs/benchmarks.md.
+    /// `bench report` measures nothing: it regenerates docs/benchmarks.md and the plots in
+    /// bench/results/ from the newest result of each suite there (full runs before `--quick`
+    /// ones).
     Bench {
         #[arg(value_enum, default_value = "all")]
         suite: bench::Suite,
@@ -90,7 +93,16 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
-    if !matches!(cli.cmd, Cmd::Build { .. }) {
+    // Building, and regenerating the benchmark page from files, touch nothing of root's.
+    let needs_root = !matches!(
+        cli.cmd,
+        Cmd::Build { .. }
+            | Cmd::Bench {
+                suite: bench::Suite::Report,
+                ..
+            }
+    );
+    if needs_root {
         require_root()?;
     }
     match cli.cmd {
@@ -114,8 +126,9 @@ fn main() -> Result<()> {
             demo(&root, requests)
         }
         Cmd::Bench { suite, quick } => {
-            // With the feature, this is the re-run that bench::run started after setup.
-            if !cfg!(feature = "lb-userspace") {
+            // With the feature, this is the re-run that bench::run started after setup; the
+            // report only reads and writes files.
+            if !cfg!(feature = "lb-userspace") && suite != bench::Suite::Report {
                 setup_toolchain()?;
                 setup_system()?;
             }
@@ -602,19 +615,7 @@ fn demo(root: &Path, requests: usize) -> Result<()> {
         topo.start_nginx(n)?;
     }
     check_interrupt()?;
-    let mut svc = e2e::ServiceSpec::new(
-        "web",
-        vec![e2e::PortSpec::new("http", 80, netns::POD_HTTP_PORT, "TCP")],
-    );
-    svc.cluster_ips = vec![DEMO_CLUSTER_IP.into()];
-    svc.lb_ips = vec![DEMO_LB_IP.into()];
-    svc.endpoints = topo
-        .pods
-        .iter()
-        .map(|p| e2e::EndpointSpec::ready(p.v4, &p.name))
-        .collect();
-    let services = topo.dir.join("services.yaml");
-    e2e::write_services(&services, &[svc])?;
+    let services = write_demo_services(&topo)?;
     eprintln!("    services file: {}", services.display());
     let pin = e2e::PinDir::new(&topo)?;
 
@@ -629,6 +630,45 @@ fn demo(root: &Path, requests: usize) -> Result<()> {
     step(&format!(
         "{requests} requests from the client to http://{DEMO_LB_IP}/"
     ));
+    let mut failures = send_requests(&topo, requests)?;
+    failures += show_lbctl(&pin.0);
+    step("stopping lb-agent and tearing down");
+    let status = agent.stop()?;
+    if !status.success() {
+        eprintln!("    lb-agent exited with {status}");
+        failures += 1;
+    }
+    drop(pin);
+    drop(topo);
+    if failures > 0 {
+        bail!("{failures} of the demo's steps failed");
+    }
+    step("demo done: every request answered from the VIP");
+    Ok(())
+}
+
+/// The demo's one service (HTTP on a ClusterIP and a load-balancer IP, the three pods as
+/// endpoints), written where lb-agent reads it.
+fn write_demo_services(topo: &netns::Topology) -> Result<PathBuf> {
+    let mut svc = e2e::ServiceSpec::new(
+        "web",
+        vec![e2e::PortSpec::new("http", 80, netns::POD_HTTP_PORT, "TCP")],
+    );
+    svc.cluster_ips = vec![DEMO_CLUSTER_IP.into()];
+    svc.lb_ips = vec![DEMO_LB_IP.into()];
+    svc.endpoints = topo
+        .pods
+        .iter()
+        .map(|p| e2e::EndpointSpec::ready(p.v4, &p.name))
+        .collect();
+    let services = topo.dir.join("services.yaml");
+    e2e::write_services(&services, &[svc])?;
+    Ok(services)
+}
+
+/// Sends `requests` requests to the VIP and prints how they spread over the pods; returns
+/// how many failed or were answered from another address.
+fn send_requests(topo: &netns::Topology, requests: usize) -> Result<usize> {
     let url = format!("http://{DEMO_LB_IP}/");
     let mut spread: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures = 0usize;
@@ -655,9 +695,16 @@ fn demo(root: &Path, requests: usize) -> Result<()> {
     if failures > 0 {
         println!("  failed   {failures:3}");
     }
+    Ok(failures)
+}
+
+/// Shows what lbctl reports of the services and their counters; returns how many of its
+/// commands failed.
+fn show_lbctl(pin: &Path) -> usize {
+    let mut failures = 0;
     for what in ["services", "stats"] {
-        println!("\n$ lbctl --pin-dir {} {what} -o table", pin.0.display());
-        match e2e::lbctl(&pin.0, &[what, "-o", "table"]) {
+        println!("\n$ lbctl --pin-dir {} {what} -o table", pin.display());
+        match e2e::lbctl(pin, &[what, "-o", "table"]) {
             Ok(out) => print!("{out}"),
             Err(e) => {
                 failures += 1;
@@ -665,19 +712,7 @@ fn demo(root: &Path, requests: usize) -> Result<()> {
             }
         }
     }
-    step("stopping lb-agent and tearing down");
-    let status = agent.stop()?;
-    if !status.success() {
-        eprintln!("    lb-agent exited with {status}");
-        failures += 1;
-    }
-    drop(pin);
-    drop(topo);
-    if failures > 0 {
-        bail!("{failures} of the demo's steps failed");
-    }
-    step("demo done: every request answered from the VIP");
-    Ok(())
+    failures
 }
 
 #[cfg(test)]

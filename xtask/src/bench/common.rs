@@ -3,6 +3,7 @@
 //! namespace topologies of `forward` and `tcp` with what a path's node runs.
 
 use super::kubeproxy::Plan;
+use super::results::{CapacitiesOut, Shape};
 use crate::e2e;
 use crate::netns::{self, Topology};
 use anyhow::{anyhow, ensure, Context as _, Result};
@@ -13,7 +14,6 @@ use lb_userspace::model::{
     DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePortId, ServicePortState,
 };
 use lb_userspace::reconciler::Reconciler;
-use serde::Serialize;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -112,17 +112,6 @@ impl Bench {
             .context("reconciler apply of the generated state")?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     }
-}
-
-/// The shape of a generated desired state.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct Shape {
-    /// Service ports, the probe included.
-    pub services: usize,
-    /// Frontends of every service port but the probe (ClusterIP, then externalIPs).
-    pub frontends_per_service: usize,
-    /// Ready endpoints of every service port (per family for the probe).
-    pub endpoints: usize,
 }
 
 pub const VIP_PORT: u16 = 80;
@@ -284,17 +273,7 @@ pub fn capacities_for(state: &DesiredState) -> Capacities {
     }
 }
 
-/// The capacities a measurement was loaded with, as the results record them.
-#[derive(Serialize)]
-pub struct CapacitiesOut {
-    pub frontends: u32,
-    pub services: u32,
-    pub backends: u32,
-    pub maglev_slots: u32,
-    pub flows: u32,
-    pub vips: u32,
-}
-
+/// The capacities a point was loaded with, as its results record them.
 impl From<&Capacities> for CapacitiesOut {
     fn from(c: &Capacities) -> Self {
         Self {
@@ -339,103 +318,6 @@ pub fn frontends(shape: Shape) -> usize {
         return 0;
     }
     2 + (shape.services - 1) * shape.frontends_per_service
-}
-
-/// Median and spread of a set of samples.
-#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
-pub struct Summary {
-    pub p10: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub min: f64,
-    pub max: f64,
-    pub n: usize,
-}
-
-impl Summary {
-    pub fn of(samples: &[f64]) -> Result<Self> {
-        ensure!(!samples.is_empty(), "no samples");
-        let mut v = samples.to_vec();
-        v.sort_by(f64::total_cmp);
-        // Nearest-rank percentile: always one of the measured values.
-        let pct = |p: f64| {
-            let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-            v[rank.clamp(1, v.len()) - 1]
-        };
-        Ok(Self {
-            p10: pct(10.0),
-            p50: pct(50.0),
-            p90: pct(90.0),
-            p99: pct(99.0),
-            min: v[0],
-            max: v[v.len() - 1],
-            n: v.len(),
-        })
-    }
-}
-
-/// A distribution-free confidence interval of the median of `samples` with at least 95%
-/// coverage: the order statistics x(k) and x(n+1-k) with the largest k for which
-/// P(Binomial(n, 1/2) < k) ≤ 2.5% (the sign test's interval). It says how well the median
-/// is known and narrows as 1/√n with more runs, where the spread of single runs (p10–p90)
-/// does not. Below 6 samples no k qualifies and it is the whole range (coverage
-/// 1 − 2^(1−n), under 95%).
-pub fn median_ci(samples: &[f64]) -> Result<[f64; 2]> {
-    ensure!(!samples.is_empty(), "no samples");
-    let mut v = samples.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    // In logs, so that 0.5^n does not underflow for many samples.
-    let mut ln_pmf = n as f64 * 0.5f64.ln();
-    let (mut cdf, mut k) = (0.0, 1);
-    for j in 0..n {
-        cdf += ln_pmf.exp();
-        if cdf > 0.025 {
-            break;
-        }
-        k = j + 1;
-        ln_pmf += ((n - j) as f64 / (j + 1) as f64).ln();
-    }
-    let k = k.min(n.div_ceil(2));
-    Ok([v[k - 1], v[n - k]])
-}
-
-/// Per-round ratios: their spread over rounds (`p10`…`p90`, flattened into the same JSON
-/// object as before) for the reader, and the ~95% confidence interval of their median
-/// ([`median_ci`]), which is what verdicts are decided on.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct Ratio {
-    #[serde(flatten)]
-    pub spread: Summary,
-    pub ci_95: [f64; 2],
-}
-
-/// Per-round ratios `a[r] / b[r]` (both measured in the same round), summarised.
-pub fn ratio_per_round(a: &[f64], b: &[f64]) -> Result<Summary> {
-    Ok(ratio_with_ci(a, b)?.spread)
-}
-
-/// Per-round ratios `a[r] / b[r]`, summarised with the CI of their median.
-pub fn ratio_with_ci(a: &[f64], b: &[f64]) -> Result<Ratio> {
-    ensure!(
-        a.len() == b.len(),
-        "{} rounds against {} rounds",
-        a.len(),
-        b.len()
-    );
-    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-    Ratio::of(&r)
-}
-
-impl Ratio {
-    /// Of ratios already taken per round.
-    pub fn of(ratios: &[f64]) -> Result<Self> {
-        Ok(Self {
-            spread: Summary::of(ratios)?,
-            ci_95: median_ci(ratios)?,
-        })
-    }
 }
 
 /// The order in which round `round` measures `n` setups: every one in turn, starting at
@@ -578,47 +460,13 @@ impl Drop for InNetns {
 
 #[cfg(test)]
 mod tests {
-    use super::{
-        frontend_v4, median_ci, ratio_per_round, ratio_with_ci, round_order, vip_v4, VIP_PORT,
-    };
-
-    #[test]
-    fn median_ci_narrows_with_more_runs_and_covers_the_median() {
-        // n = 21: x(6)..x(16), P(Bin(21, 1/2) <= 5) = 1.3% a side (x(7) would be 3.9%).
-        let v: Vec<f64> = (1..=21).map(f64::from).collect();
-        assert_eq!(median_ci(&v).ok(), Some([6.0, 16.0]));
-        // n = 31: x(10)..x(22) (P(Bin(31, 1/2) <= 9) = 1.5%, <= 10 is 3.5%).
-        let v: Vec<f64> = (1..=31).map(f64::from).collect();
-        assert_eq!(median_ci(&v).ok(), Some([10.0, 22.0]));
-        // Too few samples for 95%: the whole range.
-        assert_eq!(median_ci(&[3.0, 1.0, 2.0]).ok(), Some([1.0, 3.0]));
-        assert_eq!(median_ci(&[4.0]).ok(), Some([4.0, 4.0]));
-        // Many samples: no underflow, and close to the normal approximation n/2 ± 0.98·√n.
-        let v: Vec<f64> = (1..=10_000).map(f64::from).collect();
-        let [lo, hi] = median_ci(&v).unwrap_or([0.0, 0.0]);
-        assert!(
-            (4_895.0..=4_905.0).contains(&lo) && (5_095.0..=5_105.0).contains(&hi),
-            "{lo}..{hi}"
-        );
-        // Seven rounds: as wide as the samples (what the tcp suite's spread shows too).
-        let v: Vec<f64> = (1..=7).map(f64::from).collect();
-        assert_eq!(median_ci(&v).ok(), Some([1.0, 7.0]));
-        let v: Vec<f64> = (1..=201).map(f64::from).collect();
-        let [lo, hi] = median_ci(&v).unwrap_or([0.0, 0.0]);
-        assert!(lo < 101.0 && hi > 101.0 && hi - lo < 30.0, "{lo}..{hi}");
-        assert!(median_ci(&[]).is_err());
-    }
+    use super::{frontend_v4, round_order, vip_v4, VIP_PORT};
 
     #[test]
     fn rounds_start_at_another_setup_each_time() {
         assert_eq!(round_order(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
         assert_eq!(round_order(3, 1).collect::<Vec<_>>(), [1, 2, 0]);
         assert_eq!(round_order(3, 5).collect::<Vec<_>>(), [2, 0, 1]);
-        let r = ratio_per_round(&[2.0, 3.0], &[1.0, 2.0]).map(|s| (s.min, s.max));
-        assert_eq!(r.ok(), Some((1.5, 2.0)));
-        let r = ratio_with_ci(&[2.0, 3.0, 4.0], &[1.0, 2.0, 1.0]).map(|s| s.ci_95);
-        assert_eq!(r.ok(), Some([1.5, 4.0]));
-        assert!(ratio_per_round(&[1.0], &[1.0, 2.0]).is_err());
     }
 
     #[test]

@@ -24,10 +24,15 @@
 //! all of them alike, and every ratio is taken within a round.
 
 use super::common::{
-    baseline_versions, install, progress, ratio_per_round, round_order, Bench, InNetns, Installed,
-    NodeLb, Rounds, Summary, PROG_NOOP,
+    baseline_versions, install, progress, round_order, Bench, InNetns, Installed, NodeLb, Rounds,
+    PROG_NOOP,
 };
 use super::kubeproxy::Plan;
+use super::results::forward::{
+    Figures, ForwardResults, Path, PathResult, Point, Traffic, PATHS, TRAFFIC,
+};
+use super::results::stats::ratio_per_round;
+use super::results::Summary;
 use crate::netns::{self, Topology};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::maps::{Array, PerCpuArray};
@@ -35,7 +40,6 @@ use aya::programs::{Xdp, XdpMode};
 use aya::{TestRun, TestRunAttrs, TestRunOptions};
 use lb_common::{IFACE_F_REDIRECT_OK, IFACE_ROLE_POD};
 use lb_userspace::maps::{Ifaces, LbMaps};
-use serde::Serialize;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -82,46 +86,8 @@ mod cfg {
     pub const TARGET0: usize = 12;
 }
 
-/// What carries the packets from the edge to the pods.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Path {
-    /// `xdp_bench_redirect`: redirect to a pod's veth and nothing else.
-    Ceiling,
-    /// lb-agent `--xdp-mode auto`, with the pod veths flagged IFACE_F_REDIRECT_OK by the
-    /// benchmark (their peers run NAPI here): native XDP_REDIRECT into the pod veth.
-    XdplbRedirect,
-    /// lb-agent `--xdp-mode generic`: the program runs on the skb and redirects it.
-    XdplbGeneric,
-    /// lb-agent `--xdp-mode auto` as shipped: native on the edge, NATed frames passed to
-    /// the stack, which routes them to the pod.
-    XdplbStack,
-    /// kube-proxy iptables mode (iptables-restore of kube-proxy's chains).
-    Iptables,
-    /// kube-proxy nftables mode (`nft -f` of kube-proxy's table).
-    Nftables,
-}
-
-pub const PATHS: [Path; 6] = [
-    Path::Ceiling,
-    Path::XdplbRedirect,
-    Path::XdplbGeneric,
-    Path::XdplbStack,
-    Path::Iptables,
-    Path::Nftables,
-];
-
 impl Path {
-    pub fn label(self) -> &'static str {
-        match self {
-            Path::Ceiling => "no-op XDP redirect (ceiling)",
-            Path::XdplbRedirect => "xdplb, native redirect",
-            Path::XdplbGeneric => "xdplb, generic-mode redirect",
-            Path::XdplbStack => "xdplb, pass to stack (default)",
-            Path::Iptables => "kube-proxy iptables",
-            Path::Nftables => "kube-proxy nftables",
-        }
-    }
+    /// Names this path's namespaces.
     fn tag(self) -> &'static str {
         match self {
             Path::Ceiling => "fc",
@@ -140,16 +106,6 @@ impl Path {
     }
 }
 
-/// The traffic of a measurement.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-enum Traffic {
-    /// FLOWS flows, all known before the measurement.
-    Established,
-    /// NEW_FLOWS flows: nearly every packet starts one.
-    NewFlows,
-}
-
 impl Traffic {
     fn flows(self) -> u32 {
         match self {
@@ -159,61 +115,12 @@ impl Traffic {
     }
 }
 
-const TRAFFIC: [Traffic; 2] = [Traffic::Established, Traffic::NewFlows];
-
 /// Length of a new-flows run. Each of its frames leaves a conntrack entry for 30 s (UDP,
 /// unreplied) in the kube-proxy paths' namespaces, all masqueraded from the node's one
 /// address to two pods: past ~2 × 64k entries the masquerade runs out of source ports,
 /// and past nf_conntrack_max (262,144 here) conntrack drops new flows outright. Either is
 /// a flood failure of its own, not the per-flow cost measured here, so the runs are short.
 const NEW_FLOWS_SECONDS: f64 = 0.25;
-
-#[derive(Serialize)]
-struct Figures {
-    /// Frames counted at the pods per second, per round.
-    pps: Summary,
-    /// Frames the generator sent per second, per round.
-    sent_pps: Summary,
-    /// Delivered / sent, per round.
-    delivered_share: Summary,
-    /// Per round: this path's pps / iptables' pps of the same round.
-    vs_iptables: Summary,
-    /// Per round: this path's pps / the ceiling's pps of the same round.
-    vs_ceiling: Summary,
-}
-
-#[derive(Serialize)]
-struct PathResult {
-    path: Path,
-    label: &'static str,
-    /// Setup time of this path (rules or agent start, attach), seconds.
-    setup_s: f64,
-    established: Figures,
-    new_flows: Figures,
-    /// xdplb's verdict counters over the whole point (which path the packets took).
-    reasons: Vec<(String, u64)>,
-}
-
-#[derive(Serialize)]
-struct Point {
-    services: usize,
-    hot: usize,
-    paths: Vec<PathResult>,
-}
-
-#[derive(Serialize)]
-pub struct ForwardResults {
-    rounds: usize,
-    seconds_per_run: f64,
-    seconds_per_new_flows_run: f64,
-    frame_len_on_wire: usize,
-    flows: u32,
-    new_flows: u32,
-    hot_services: usize,
-    iptables_version: String,
-    nft_version: String,
-    points: Vec<Point>,
-}
 
 /// One path's topology and what runs in it. Fields drop in order: the agent and its pins
 /// go before the namespaces are deleted.
@@ -298,31 +205,7 @@ fn build(bench: &mut Bench, path: Path, plan: &Plan) -> Result<Setup> {
         Path::XdplbRedirect | Path::XdplbStack => install(&topo, plan, NodeLb::Agent(&[]))?,
     };
     if path == Path::XdplbRedirect {
-        let pin = lb
-            .pin
-            .as_ref()
-            .ok_or_else(|| anyhow!("the agent left no pin directory"))?;
-        let mut ifaces = Ifaces::open_pinned(&pin.0).context("opening IFACES")?;
-        let pods: Vec<_> = ifaces
-            .list()?
-            .into_iter()
-            .filter(|e| e.role == IFACE_ROLE_POD)
-            .collect();
-        ensure!(
-            pods.len() == topo.pods.len(),
-            "the agent attached {} pod interfaces, not {}",
-            pods.len(),
-            topo.pods.len()
-        );
-        for e in pods {
-            ifaces.set(
-                e.ifindex,
-                lb_common::IfaceInfo {
-                    role: e.role,
-                    flags: e.flags | IFACE_F_REDIRECT_OK,
-                },
-            )?;
-        }
+        allow_redirect_into_pods(&lb, &topo)?;
     }
     let mut pod_host_ifindex = Vec::new();
     for pod in &topo.pods {
@@ -348,6 +231,37 @@ fn build(bench: &mut Bench, path: Path, plan: &Plan) -> Result<Setup> {
         setup_s: t.elapsed().as_secs_f64(),
         reasons_before,
     })
+}
+
+/// Flags the pod veths the agent attached to IFACE_F_REDIRECT_OK: their peers run NAPI
+/// here (`xdp_bench_count`), which a CNI does not give pods, so the agent leaves it off.
+fn allow_redirect_into_pods(lb: &Installed, topo: &Topology) -> Result<()> {
+    let pin = lb
+        .pin
+        .as_ref()
+        .ok_or_else(|| anyhow!("the agent left no pin directory"))?;
+    let mut ifaces = Ifaces::open_pinned(&pin.0).context("opening IFACES")?;
+    let pods: Vec<_> = ifaces
+        .list()?
+        .into_iter()
+        .filter(|e| e.role == IFACE_ROLE_POD)
+        .collect();
+    ensure!(
+        pods.len() == topo.pods.len(),
+        "the agent attached {} pod interfaces, not {}",
+        pods.len(),
+        topo.pods.len()
+    );
+    for e in pods {
+        ifaces.set(
+            e.ifindex,
+            lb_common::IfaceInfo {
+                role: e.role,
+                flags: e.flags | IFACE_F_REDIRECT_OK,
+            },
+        )?;
+    }
+    Ok(())
 }
 
 fn mac_words(m: [u8; 6]) -> (u32, u32) {
@@ -469,108 +383,7 @@ pub fn run(quick: bool) -> Result<ForwardResults> {
     let (iptables_version, nft_version) = baseline_versions();
     let mut points = Vec::new();
     for &services in &c.services {
-        let hot = HOT.min(services);
-        let plan = Plan {
-            services,
-            hot,
-            protocol: "UDP",
-            port: VIP_PORT,
-            target_port: POD_PORT,
-            pods: Vec::new(),
-        };
-        progress(format!(
-            "forward: {services} service port(s): building {} topologies",
-            PATHS.len()
-        ));
-        let mut setups = Vec::new();
-        for path in PATHS {
-            crate::bench::check_interrupt()?;
-            setups.push(build(&mut bench, path, &plan).with_context(|| path.label())?);
-        }
-        // Warm-up: every flow seen (CT entries, conntrack entries, neighbours resolved);
-        // a path that delivers nothing is broken, not slow.
-        for s in &setups {
-            let (pps, _) = measure(&mut bench, s, hot, Traffic::Established, 0.3)?;
-            if pps <= 0.0 {
-                bail!(
-                    "{}: no frame reached the pods during the warm-up{}",
-                    s.path.label(),
-                    s.lb.agent_log()
-                );
-            }
-        }
-        // [traffic][path][round]
-        let mut pps = vec![vec![Vec::new(); setups.len()]; TRAFFIC.len()];
-        let mut sent = pps.clone();
-        for round in 0..c.rounds {
-            progress(format!(
-                "forward: {services} service port(s), round {}/{}",
-                round + 1,
-                c.rounds
-            ));
-            for (t, traffic) in TRAFFIC.iter().enumerate() {
-                for i in round_order(setups.len(), round) {
-                    let secs = match traffic {
-                        Traffic::Established => c.seconds,
-                        Traffic::NewFlows => NEW_FLOWS_SECONDS,
-                    };
-                    let (d, s) = measure(&mut bench, &setups[i], hot, *traffic, secs)?;
-                    pps[t][i].push(d);
-                    sent[t][i].push(s);
-                }
-            }
-        }
-        let idx = |p: Path| PATHS.iter().position(|x| *x == p).unwrap_or(0);
-        let (ipt, ceil) = (idx(Path::Iptables), idx(Path::Ceiling));
-        let figures = |t: usize, i: usize| -> Result<Figures> {
-            Ok(Figures {
-                pps: Summary::of(&pps[t][i])?,
-                sent_pps: Summary::of(&sent[t][i])?,
-                delivered_share: ratio_per_round(&pps[t][i], &sent[t][i])?,
-                vs_iptables: ratio_per_round(&pps[t][i], &pps[t][ipt])?,
-                vs_ceiling: ratio_per_round(&pps[t][i], &pps[t][ceil])?,
-            })
-        };
-        let mut paths = Vec::new();
-        for (i, s) in setups.iter().enumerate() {
-            let reasons = match &s.lb.pin {
-                Some(p) if s.path.is_xdplb() => reasons(&p.0)?
-                    .into_iter()
-                    .zip(&s.reasons_before)
-                    .map(|((n, v), (_, b))| (n, v.saturating_sub(*b)))
-                    .filter(|(_, v)| *v > 0)
-                    .collect(),
-                _ => Vec::new(),
-            };
-            paths.push(PathResult {
-                path: s.path,
-                label: s.path.label(),
-                setup_s: s.setup_s,
-                established: figures(0, i)?,
-                new_flows: figures(1, i)?,
-                reasons,
-            });
-        }
-        for p in &paths {
-            eprintln!(
-                "    {:>6} services  {:32} established {:>6.3} Mpps x{:.2} iptables {:>3.0}% \
-                 of ceiling; new flows {:>6.3} Mpps x{:.2} iptables",
-                services,
-                p.label,
-                p.established.pps.p50 / 1e6,
-                p.established.vs_iptables.p50,
-                p.established.vs_ceiling.p50 * 100.0,
-                p.new_flows.pps.p50 / 1e6,
-                p.new_flows.vs_iptables.p50,
-            );
-        }
-        points.push(Point {
-            services,
-            hot,
-            paths,
-        });
-        // Tear this point's topologies down before the next one is built.
-        drop(setups);
+        points.push(measure_point(&mut bench, &c, services)?);
     }
     Ok(ForwardResults {
         rounds: c.rounds,
@@ -584,4 +397,141 @@ pub fn run(quick: bool) -> Result<ForwardResults> {
         nft_version,
         points,
     })
+}
+
+/// Every path at one service count: their topologies built, warmed up, measured in
+/// rounds, summarised, and torn down before the next point is built.
+fn measure_point(bench: &mut Bench, c: &Rounds, services: usize) -> Result<Point> {
+    let hot = HOT.min(services);
+    let plan = Plan {
+        services,
+        hot,
+        protocol: "UDP",
+        port: VIP_PORT,
+        target_port: POD_PORT,
+        pods: Vec::new(),
+    };
+    progress(format!(
+        "forward: {services} service port(s): building {} topologies",
+        PATHS.len()
+    ));
+    let mut setups = Vec::new();
+    for path in PATHS {
+        crate::bench::check_interrupt()?;
+        setups.push(build(bench, path, &plan).with_context(|| path.label())?);
+    }
+    warm_up(bench, &setups, hot)?;
+    let samples = measure_rounds(bench, &setups, hot, c, services)?;
+    let paths = path_results(&setups, &samples)?;
+    for p in &paths {
+        eprintln!(
+            "    {:>6} services  {:32} established {:>6.3} Mpps x{:.2} iptables {:>3.0}% \
+             of ceiling; new flows {:>6.3} Mpps x{:.2} iptables",
+            services,
+            p.label,
+            p.established.pps.p50 / 1e6,
+            p.established.vs_iptables.p50,
+            p.established.vs_ceiling.p50 * 100.0,
+            p.new_flows.pps.p50 / 1e6,
+            p.new_flows.vs_iptables.p50,
+        );
+    }
+    // Tear this point's topologies down before the next one is built.
+    drop(setups);
+    Ok(Point {
+        services,
+        hot,
+        paths,
+    })
+}
+
+/// Every flow seen (CT entries, conntrack entries, neighbours resolved); a path that
+/// delivers nothing is broken, not slow.
+fn warm_up(bench: &mut Bench, setups: &[Setup], hot: usize) -> Result<()> {
+    for s in setups {
+        let (pps, _) = measure(bench, s, hot, Traffic::Established, 0.3)?;
+        if pps <= 0.0 {
+            bail!(
+                "{}: no frame reached the pods during the warm-up{}",
+                s.path.label(),
+                s.lb.agent_log()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Delivered and sent frames per second, indexed `[traffic][path][round]`.
+struct Samples {
+    pps: Vec<Vec<Vec<f64>>>,
+    sent: Vec<Vec<Vec<f64>>>,
+}
+
+/// `c.rounds` rounds, each measuring every path in turn with each traffic.
+fn measure_rounds(
+    bench: &mut Bench,
+    setups: &[Setup],
+    hot: usize,
+    c: &Rounds,
+    services: usize,
+) -> Result<Samples> {
+    let mut pps = vec![vec![Vec::new(); setups.len()]; TRAFFIC.len()];
+    let mut sent = pps.clone();
+    for round in 0..c.rounds {
+        progress(format!(
+            "forward: {services} service port(s), round {}/{}",
+            round + 1,
+            c.rounds
+        ));
+        for (t, traffic) in TRAFFIC.iter().enumerate() {
+            for i in round_order(setups.len(), round) {
+                let secs = match traffic {
+                    Traffic::Established => c.seconds,
+                    Traffic::NewFlows => NEW_FLOWS_SECONDS,
+                };
+                let (d, s) = measure(bench, &setups[i], hot, *traffic, secs)?;
+                pps[t][i].push(d);
+                sent[t][i].push(s);
+            }
+        }
+    }
+    Ok(Samples { pps, sent })
+}
+
+/// Each path's figures, its ratios taken within each round, and xdplb's verdicts over
+/// the point.
+fn path_results(setups: &[Setup], samples: &Samples) -> Result<Vec<PathResult>> {
+    let Samples { pps, sent } = samples;
+    let idx = |p: Path| PATHS.iter().position(|x| *x == p).unwrap_or(0);
+    let (ipt, ceil) = (idx(Path::Iptables), idx(Path::Ceiling));
+    let figures = |t: usize, i: usize| -> Result<Figures> {
+        Ok(Figures {
+            pps: Summary::of(&pps[t][i])?,
+            sent_pps: Summary::of(&sent[t][i])?,
+            delivered_share: ratio_per_round(&pps[t][i], &sent[t][i])?,
+            vs_iptables: ratio_per_round(&pps[t][i], &pps[t][ipt])?,
+            vs_ceiling: ratio_per_round(&pps[t][i], &pps[t][ceil])?,
+        })
+    };
+    let mut paths = Vec::new();
+    for (i, s) in setups.iter().enumerate() {
+        let reasons = match &s.lb.pin {
+            Some(p) if s.path.is_xdplb() => reasons(&p.0)?
+                .into_iter()
+                .zip(&s.reasons_before)
+                .map(|((n, v), (_, b))| (n, v.saturating_sub(*b)))
+                .filter(|(_, v)| *v > 0)
+                .collect(),
+            _ => Vec::new(),
+        };
+        paths.push(PathResult {
+            path: s.path,
+            label: s.path.label().to_string(),
+            setup_s: s.setup_s,
+            established: figures(0, i)?,
+            new_flows: figures(1, i)?,
+            reasons,
+        });
+    }
+    Ok(paths)
 }

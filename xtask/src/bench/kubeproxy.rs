@@ -101,116 +101,142 @@ impl Plan {
     /// iptables-restore input of kube-proxy's iptables mode for this plan (nat and filter
     /// tables, as `iptables-save` shows them on a kube-proxy node, 1.28+).
     pub fn iptables(&self) -> String {
-        let p = self.proto_lc();
-        let mut chains = String::new();
-        let mut rules = String::new();
-        let mut svc_rules = String::new();
+        let mut rules = IptablesRules::default();
         for i in self.chain_order() {
-            let spn = self.port_name(i);
-            let vip = Self::vip(i);
-            let svc = format!("KUBE-SVC-{}", hash_name(&format!("{spn}{p}")));
-            let _ = writeln!(chains, ":{svc} - [0:0]");
+            self.iptables_service(i, &mut rules);
+        }
+        rules.file()
+    }
+
+    /// Service port `i`'s chains: its KUBE-SERVICES rule, its KUBE-SVC chain choosing an
+    /// endpoint, and a KUBE-SEP chain per endpoint.
+    fn iptables_service(&self, i: usize, out: &mut IptablesRules) {
+        let p = self.proto_lc();
+        let IptablesRules {
+            chains,
+            rules,
+            svc_rules,
+        } = out;
+        let spn = self.port_name(i);
+        let vip = Self::vip(i);
+        let svc = format!("KUBE-SVC-{}", hash_name(&format!("{spn}{p}")));
+        let _ = writeln!(chains, ":{svc} - [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {vip}/32 -p {p} -m comment --comment \"{spn} cluster IP\" \
+             -m {p} --dport {} -j {svc}",
+            self.port
+        );
+        let _ = writeln!(
+            svc_rules,
+            "-A {svc} ! -s {CLUSTER_CIDR} -d {vip}/32 -p {p} -m comment --comment \"{spn} \
+             cluster IP\" -m {p} --dport {} -j KUBE-MARK-MASQ",
+            self.port
+        );
+        let eps = self.endpoints(i);
+        for (k, &e) in eps.iter().enumerate() {
+            let ep = format!("{}:{}", self.pods[e].0, self.target_port);
+            let sep = format!("KUBE-SEP-{}", hash_name(&format!("{spn}{p}{ep}")));
+            let _ = writeln!(chains, ":{sep} - [0:0]");
+            // kube-proxy: endpoint k of n is taken with probability 1/(n-k); the last
+            // one unconditionally.
+            let left = eps.len() - k;
+            if left > 1 {
+                let _ = writeln!(
+                    svc_rules,
+                    "-A {svc} -m comment --comment \"{spn} -> {ep}\" -m statistic --mode \
+                     random --probability {:.11} -j {sep}",
+                    1.0 / left as f64
+                );
+            } else {
+                let _ = writeln!(
+                    svc_rules,
+                    "-A {svc} -m comment --comment \"{spn} -> {ep}\" -j {sep}"
+                );
+            }
             let _ = writeln!(
-                rules,
-                "-A KUBE-SERVICES -d {vip}/32 -p {p} -m comment --comment \"{spn} cluster IP\" \
-                 -m {p} --dport {} -j {svc}",
-                self.port
+                svc_rules,
+                "-A {sep} -s {}/32 -m comment --comment \"{spn}\" -j KUBE-MARK-MASQ",
+                self.pods[e].0
             );
             let _ = writeln!(
                 svc_rules,
-                "-A {svc} ! -s {CLUSTER_CIDR} -d {vip}/32 -p {p} -m comment --comment \"{spn} \
-                 cluster IP\" -m {p} --dport {} -j KUBE-MARK-MASQ",
-                self.port
+                "-A {sep} -p {p} -m comment --comment \"{spn}\" -m {p} -j DNAT \
+                 --to-destination {ep}"
             );
-            let eps = self.endpoints(i);
-            for (k, &e) in eps.iter().enumerate() {
-                let ep = format!("{}:{}", self.pods[e].0, self.target_port);
-                let sep = format!("KUBE-SEP-{}", hash_name(&format!("{spn}{p}{ep}")));
-                let _ = writeln!(chains, ":{sep} - [0:0]");
-                // kube-proxy: endpoint k of n is taken with probability 1/(n-k); the last
-                // one unconditionally.
-                let left = eps.len() - k;
-                if left > 1 {
-                    let _ = writeln!(
-                        svc_rules,
-                        "-A {svc} -m comment --comment \"{spn} -> {ep}\" -m statistic --mode \
-                         random --probability {:.11} -j {sep}",
-                        1.0 / left as f64
-                    );
-                } else {
-                    let _ = writeln!(
-                        svc_rules,
-                        "-A {svc} -m comment --comment \"{spn} -> {ep}\" -j {sep}"
-                    );
-                }
-                let _ = writeln!(
-                    svc_rules,
-                    "-A {sep} -s {}/32 -m comment --comment \"{spn}\" -j KUBE-MARK-MASQ",
-                    self.pods[e].0
-                );
-                let _ = writeln!(
-                    svc_rules,
-                    "-A {sep} -p {p} -m comment --comment \"{spn}\" -m {p} -j DNAT \
-                     --to-destination {ep}"
-                );
-            }
         }
-        format!(
-            "*filter\n\
-             :KUBE-EXTERNAL-SERVICES - [0:0]\n\
-             :KUBE-FIREWALL - [0:0]\n\
-             :KUBE-FORWARD - [0:0]\n\
-             :KUBE-KUBELET-CANARY - [0:0]\n\
-             :KUBE-NODEPORTS - [0:0]\n\
-             :KUBE-PROXY-CANARY - [0:0]\n\
-             :KUBE-PROXY-FIREWALL - [0:0]\n\
-             :KUBE-SERVICES - [0:0]\n\
-             -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-             -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
-             -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
-             -A INPUT -j KUBE-FIREWALL\n\
-             -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-             -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
-             -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-             -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
-             -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
-             -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-             -A OUTPUT -j KUBE-FIREWALL\n\
-             -A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n\
-             -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
-             -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
-             -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-             COMMIT\n\
-             *nat\n\
-             :KUBE-KUBELET-CANARY - [0:0]\n\
-             :KUBE-MARK-MASQ - [0:0]\n\
-             :KUBE-NODEPORTS - [0:0]\n\
-             :KUBE-POSTROUTING - [0:0]\n\
-             :KUBE-PROXY-CANARY - [0:0]\n\
-             :KUBE-SERVICES - [0:0]\n\
-             {chains}\
-             -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-             -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-             -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
-             -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
-             -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
-             -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
-             -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
-             {rules}\
-             -A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
-             {svc_rules}\
-             COMMIT\n"
-        )
     }
 
     /// `nft -f` input of kube-proxy's nftables mode for this plan (table `ip kube-proxy`).
     /// Hook priorities are numeric (dstnat = -100, srcnat = 100; kube-proxy's
     /// `dstnat - 10` is -110): Debian 12's nft 1.0.6 refuses the named forms on some hooks.
     pub fn nftables(&self) -> String {
-        let p = self.proto_lc();
         let mut s = String::new();
-        s.push_str(
-            "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }\n\
+        s.push_str(NFT_TABLE);
+        let _ = writeln!(
+            s,
+            "add rule ip kube-proxy cluster-ips-check ip daddr @cluster-ips reject comment \
+             \"Reject traffic to invalid ports of ClusterIPs\"\n\
+             add rule ip kube-proxy cluster-ips-check ip daddr {{ {SERVICE_CIDR} }} drop \
+             comment \"Drop traffic to unallocated ClusterIPs\""
+        );
+        for i in 0..self.services {
+            self.nftables_service(i, &mut s);
+        }
+        s
+    }
+
+    /// Service port `i`'s chain choosing an endpoint, an endpoint chain per endpoint, and
+    /// its elements in the cluster-ips set and the service-ips map.
+    fn nftables_service(&self, i: usize, s: &mut String) {
+        let p = self.proto_lc();
+        let vip = Self::vip(i);
+        let name = Self::name(i);
+        let sp = format!("bench/{name}/{p}/{p}");
+        let svc = format!("service-{}-{sp}", &hash_name(&sp)[..8]);
+        let _ = writeln!(s, "add chain ip kube-proxy {svc}");
+        let _ = writeln!(
+            s,
+            "add rule ip kube-proxy {svc} ip daddr {vip} {p} dport {} ip saddr != \
+             {CLUSTER_CIDR} jump mark-for-masquerade",
+            self.port
+        );
+        let eps = self.endpoints(i);
+        let mut vmap = Vec::new();
+        for (k, &e) in eps.iter().enumerate() {
+            let ip = self.pods[e].0;
+            let ep_name = format!("{sp}__{ip}/{}", self.target_port);
+            let chain = format!("endpoint-{}-{ep_name}", &hash_name(&ep_name)[..8]);
+            let _ = writeln!(s, "add chain ip kube-proxy {chain}");
+            let _ = writeln!(
+                s,
+                "add rule ip kube-proxy {chain} ip saddr {ip} jump mark-for-masquerade"
+            );
+            let _ = writeln!(
+                s,
+                "add rule ip kube-proxy {chain} meta l4proto {p} dnat to {ip}:{}",
+                self.target_port
+            );
+            vmap.push(format!("{k} : goto {chain}"));
+        }
+        let _ = writeln!(
+            s,
+            "add rule ip kube-proxy {svc} numgen random mod {} vmap {{ {} }}",
+            eps.len(),
+            vmap.join(" , ")
+        );
+        let _ = writeln!(s, "add element ip kube-proxy cluster-ips {{ {vip} }}");
+        let _ = writeln!(
+            s,
+            "add element ip kube-proxy service-ips {{ {vip} . {p} . {} : goto {svc} }}",
+            self.port
+        );
+    }
+}
+
+/// kube-proxy's table with its fixed sets, maps, chains and rules, which every service's
+/// chains hang off.
+const NFT_TABLE: &str = "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }\n\
              add set ip kube-proxy cluster-ips { type ipv4_addr ; comment \"Active ClusterIPs\" ; }\n\
              add set ip kube-proxy nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }\n\
              add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }\n\
@@ -254,59 +280,73 @@ impl Plan {
              add rule ip kube-proxy masquerading mark set mark xor 0x4000\n\
              add rule ip kube-proxy masquerading masquerade fully-random\n\
              add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n\
-             add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n",
-        );
-        let _ = writeln!(
-            s,
-            "add rule ip kube-proxy cluster-ips-check ip daddr @cluster-ips reject comment \
-             \"Reject traffic to invalid ports of ClusterIPs\"\n\
-             add rule ip kube-proxy cluster-ips-check ip daddr {{ {SERVICE_CIDR} }} drop \
-             comment \"Drop traffic to unallocated ClusterIPs\""
-        );
-        for i in 0..self.services {
-            let vip = Self::vip(i);
-            let name = Self::name(i);
-            let sp = format!("bench/{name}/{p}/{p}");
-            let svc = format!("service-{}-{sp}", &hash_name(&sp)[..8]);
-            let _ = writeln!(s, "add chain ip kube-proxy {svc}");
-            let _ = writeln!(
-                s,
-                "add rule ip kube-proxy {svc} ip daddr {vip} {p} dport {} ip saddr != \
-                 {CLUSTER_CIDR} jump mark-for-masquerade",
-                self.port
-            );
-            let eps = self.endpoints(i);
-            let mut vmap = Vec::new();
-            for (k, &e) in eps.iter().enumerate() {
-                let ip = self.pods[e].0;
-                let ep_name = format!("{sp}__{ip}/{}", self.target_port);
-                let chain = format!("endpoint-{}-{ep_name}", &hash_name(&ep_name)[..8]);
-                let _ = writeln!(s, "add chain ip kube-proxy {chain}");
-                let _ = writeln!(
-                    s,
-                    "add rule ip kube-proxy {chain} ip saddr {ip} jump mark-for-masquerade"
-                );
-                let _ = writeln!(
-                    s,
-                    "add rule ip kube-proxy {chain} meta l4proto {p} dnat to {ip}:{}",
-                    self.target_port
-                );
-                vmap.push(format!("{k} : goto {chain}"));
-            }
-            let _ = writeln!(
-                s,
-                "add rule ip kube-proxy {svc} numgen random mod {} vmap {{ {} }}",
-                eps.len(),
-                vmap.join(" , ")
-            );
-            let _ = writeln!(s, "add element ip kube-proxy cluster-ips {{ {vip} }}");
-            let _ = writeln!(
-                s,
-                "add element ip kube-proxy service-ips {{ {vip} . {p} . {} : goto {svc} }}",
-                self.port
-            );
-        }
-        s
+             add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n";
+
+/// What [`Plan::iptables`] writes per service port, gathered per place in the file.
+#[derive(Default)]
+struct IptablesRules {
+    /// `:CHAIN - [0:0]` declarations of the KUBE-SVC and KUBE-SEP chains.
+    chains: String,
+    /// KUBE-SERVICES' rules, in chain order.
+    rules: String,
+    /// The KUBE-SVC and KUBE-SEP chains' rules.
+    svc_rules: String,
+}
+
+impl IptablesRules {
+    /// The whole iptables-restore file: kube-proxy's fixed chains around the services'.
+    fn file(&self) -> String {
+        let Self {
+            chains,
+            rules,
+            svc_rules,
+        } = self;
+        format!(
+        "*filter\n\
+         :KUBE-EXTERNAL-SERVICES - [0:0]\n\
+         :KUBE-FIREWALL - [0:0]\n\
+         :KUBE-FORWARD - [0:0]\n\
+         :KUBE-KUBELET-CANARY - [0:0]\n\
+         :KUBE-NODEPORTS - [0:0]\n\
+         :KUBE-PROXY-CANARY - [0:0]\n\
+         :KUBE-PROXY-FIREWALL - [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n\
+         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+         -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
+         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+         -A INPUT -j KUBE-FIREWALL\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+         -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -j KUBE-FIREWALL\n\
+         -A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n\
+         -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         COMMIT\n\
+         *nat\n\
+         :KUBE-KUBELET-CANARY - [0:0]\n\
+         :KUBE-MARK-MASQ - [0:0]\n\
+         :KUBE-NODEPORTS - [0:0]\n\
+         :KUBE-POSTROUTING - [0:0]\n\
+         :KUBE-PROXY-CANARY - [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n\
+         {chains}\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         {rules}\
+         -A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         {svc_rules}\
+         COMMIT\n"
+    )
     }
 }
 

@@ -19,8 +19,11 @@ mod forward;
 mod kubeproxy;
 #[cfg(feature = "lb-userspace")]
 mod prog;
-#[cfg(feature = "lb-userspace")]
+// The page is generated from the files alone, so `bench report` needs no engine.
 mod report;
+// Written by the runners (with the engine), read by the report (with or without).
+#[cfg_attr(not(feature = "lb-userspace"), allow(dead_code))]
+mod results;
 #[cfg(feature = "lb-userspace")]
 mod sync;
 #[cfg(feature = "lb-userspace")]
@@ -41,7 +44,8 @@ pub enum Suite {
     Tcp,
     Sync,
     All,
-    /// No measurement: regenerate docs/benchmarks.md from the results on disk.
+    /// No measurement: regenerate docs/benchmarks.md and the plots from the newest result
+    /// of each suite on disk (no root, no engine, no build of the agent).
     Report,
 }
 
@@ -66,91 +70,132 @@ pub fn run(
     quick: bool,
     run_cmd: fn(&mut Command) -> Result<()>,
 ) -> Result<()> {
+    if suite == Suite::Report {
+        // Nothing is measured: the page and its plots come from the result files alone.
+        let doc = report::write_docs(root)?;
+        eprintln!("bench: regenerated {}", doc.display());
+        return Ok(());
+    }
     #[cfg(feature = "lb-userspace")]
     {
         let _ = run_cmd;
-        common::require_root()?;
-        eprintln!(
-            "bench {}{}",
-            suite.as_str(),
-            if quick { " --quick" } else { "" }
-        );
-        // Namespaces, agents and rules are torn down by Drop guards; Ctrl-C must unwind
-        // through them instead of killing the process.
-        ctrlc::set_handler(|| {
-            eprintln!("\ninterrupted: tearing down");
-            crate::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-        })
-        .context("installing the Ctrl-C handler")?;
-        // forward and tcp start the real lb-agent, built next to this (release) xtask.
-        if std::env::var_os("XDPLB_BIN_DIR").is_none() {
-            let exe = std::env::current_exe().context("locating xtask")?;
-            if let Some(dir) = exe.parent() {
-                // Set before any thread starts; read by e2e::bin_dir.
-                std::env::set_var("XDPLB_BIN_DIR", dir);
-            }
-        }
-        let env = report::Env::collect(root)?;
-        // Runs one suite if selected and writes its JSON; the time each takes is printed
-        // because `bench all` has a budget (15 min, `--quick` 3 min).
-        fn one<R: serde::Serialize>(
-            root: &Path,
-            env: &report::Env,
-            (selected, this): (Suite, Suite),
-            quick: bool,
-            run: fn(bool) -> Result<R>,
-        ) -> Result<()> {
-            if selected != this && selected != Suite::All {
-                return Ok(());
-            }
-            let name = this.as_str();
-            let t = std::time::Instant::now();
-            let res = run(quick).with_context(|| format!("bench {name}"))?;
-            let path = report::write_json(root, env, name, quick, &res)?;
-            eprintln!(
-                "bench {name}: wrote {} ({:.0} s)",
-                path.display(),
-                t.elapsed().as_secs_f64()
-            );
-            Ok(())
-        }
-        one(root, &env, (suite, Suite::Prog), quick, prog::run)?;
-        one(root, &env, (suite, Suite::Forward), quick, forward::run)?;
-        one(root, &env, (suite, Suite::Tcp), quick, tcp::run)?;
-        one(root, &env, (suite, Suite::Sync), quick, sync::run)?;
-        let doc = report::write_docs(root)?;
-        eprintln!("bench: regenerated {}", doc.display());
-        Ok(())
+        run_suites(root, suite, quick)
     }
     #[cfg(not(feature = "lb-userspace"))]
     {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        // forward and tcp run the real lb-agent, found next to the re-run xtask.
-        run_cmd(Command::new(&cargo).current_dir(root).args([
-            "build",
-            "--release",
-            "--package",
-            "lb-userspace",
-            "--bins",
-        ]))
-        .context("building lb-agent and lbctl")?;
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(root).args([
-            "run",
-            "--release",
-            "--package",
-            "xtask",
-            "--features",
-            "lb-userspace",
-            "--",
-            "bench",
-            suite.as_str(),
-        ]);
-        if quick {
-            cmd.arg("--quick");
-        }
-        run_cmd(&mut cmd).context("running xtask with the benchmark engine")
+        rerun_with_engine(root, suite, quick, run_cmd)
     }
+}
+
+/// Runs the selected suites in this process (which has the engine), writes their results
+/// and regenerates the page.
+#[cfg(feature = "lb-userspace")]
+fn run_suites(root: &Path, suite: Suite, quick: bool) -> Result<()> {
+    common::require_root()?;
+    eprintln!(
+        "bench {}{}",
+        suite.as_str(),
+        if quick { " --quick" } else { "" }
+    );
+    prepare_process()?;
+    let env = results::Env::collect(root)?;
+    let selected = |this: Suite| suite == this || suite == Suite::All;
+    if selected(Suite::Prog) {
+        run_suite(root, &env, Suite::Prog, quick, prog::run)?;
+    }
+    if selected(Suite::Forward) {
+        run_suite(root, &env, Suite::Forward, quick, forward::run)?;
+    }
+    if selected(Suite::Tcp) {
+        run_suite(root, &env, Suite::Tcp, quick, tcp::run)?;
+    }
+    if selected(Suite::Sync) {
+        run_suite(root, &env, Suite::Sync, quick, sync::run)?;
+    }
+    let doc = report::write_docs(root)?;
+    eprintln!("bench: regenerated {}", doc.display());
+    Ok(())
+}
+
+/// What the suites need of the process: Ctrl-C unwinding through the guards, and the
+/// agent's binaries found.
+#[cfg(feature = "lb-userspace")]
+fn prepare_process() -> Result<()> {
+    // Namespaces, agents and rules are torn down by Drop guards; Ctrl-C must unwind
+    // through them instead of killing the process.
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: tearing down");
+        crate::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    })
+    .context("installing the Ctrl-C handler")?;
+    // forward and tcp start the real lb-agent, built next to this (release) xtask.
+    if std::env::var_os("XDPLB_BIN_DIR").is_none() {
+        let exe = std::env::current_exe().context("locating xtask")?;
+        if let Some(dir) = exe.parent() {
+            // Set before any thread starts; read by e2e::bin_dir.
+            std::env::set_var("XDPLB_BIN_DIR", dir);
+        }
+    }
+    Ok(())
+}
+
+/// Runs one suite and writes its JSON; the time each takes is printed because `bench all`
+/// has a budget (15 min, `--quick` 3 min).
+#[cfg(feature = "lb-userspace")]
+fn run_suite<R: serde::Serialize>(
+    root: &Path,
+    env: &results::Env,
+    suite: Suite,
+    quick: bool,
+    run: fn(bool) -> Result<R>,
+) -> Result<()> {
+    let name = suite.as_str();
+    let started = std::time::Instant::now();
+    let res = run(quick).with_context(|| format!("bench {name}"))?;
+    let path = results::write_json(root, env, name, quick, &res)?;
+    eprintln!(
+        "bench {name}: wrote {} ({:.0} s)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Builds the agent and re-runs xtask with the engine (in release mode, so the reconciler
+/// is timed as the agent ships).
+#[cfg(not(feature = "lb-userspace"))]
+fn rerun_with_engine(
+    root: &Path,
+    suite: Suite,
+    quick: bool,
+    run_cmd: fn(&mut Command) -> Result<()>,
+) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // forward and tcp run the real lb-agent, found next to the re-run xtask.
+    run_cmd(Command::new(&cargo).current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--bins",
+    ]))
+    .context("building lb-agent and lbctl")?;
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args([
+        "run",
+        "--release",
+        "--package",
+        "xtask",
+        "--features",
+        "lb-userspace",
+        "--",
+        "bench",
+        suite.as_str(),
+    ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run_cmd(&mut cmd).context("running xtask with the benchmark engine")
 }
 
 /// Fails once Ctrl-C was pressed, so long steps stop and unwind through their guards.
@@ -355,7 +400,14 @@ fn check_figure(v: &serde_json::Value, path: &str, at: &str, missing: &mut Vec<S
 
 #[cfg(test)]
 mod smoke_tests {
-    use super::{check_figure, check_members};
+    use super::{check_figure, check_members, FORWARD_PATHS, TCP_PATHS};
+    use crate::bench::results::{forward, tcp};
+
+    #[test]
+    fn the_smoke_test_looks_for_every_path_the_suites_write() {
+        assert_eq!(FORWARD_PATHS, forward::PATHS.map(forward::Path::name));
+        assert_eq!(TCP_PATHS, tcp::PATHS.map(tcp::Path::name));
+    }
 
     #[test]
     fn a_missing_path_is_reported() {

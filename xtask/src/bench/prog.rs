@@ -14,16 +14,17 @@
 
 use super::common::{
     capacities_for, client_v4, client_v6, desired, frontends, non_vip_v4, non_vip_v6, progress,
-    ratio_with_ci, round_order, vip_v4, vip_v6, Bench, CapacitiesOut, Ratio, Shape, Summary,
-    PROG_NOOP, VIP_PORT,
+    round_order, vip_v4, vip_v6, Bench, PROG_NOOP, VIP_PORT,
 };
+use super::results::prog::{Case, CaseResult, Family, Point, ProgResults, Sweep};
+use super::results::stats::ratio_with_ci;
+use super::results::{CapacitiesOut, Ratio, Shape, Summary};
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::programs::Xdp;
 use aya::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
 use lb_common::{PROG_EDGE, PROG_POD, REASON_NAMES, R_FWD_PASS, R_PASS_NOT_SERVICE, R_RNAT_PASS};
 use lb_userspace::loader::Capacities;
-use serde::Serialize;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -37,15 +38,6 @@ const CLIENT_PORT: u16 = 40_000;
 /// repeating it is sound).
 const NOOP_REPEAT: u32 = 100_000;
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-enum Case {
-    Miss,
-    NewFlow,
-    Established,
-    Reply,
-}
-
 impl Case {
     /// The entry point the case's packets arrive at on a node: clients' packets on the
     /// edge, backends' answers on their pod's veth.
@@ -55,61 +47,6 @@ impl Case {
             Case::Reply => PROG_POD,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-enum Family {
-    Ipv4,
-    Ipv6,
-}
-
-#[derive(Serialize)]
-struct CaseResult {
-    case: Case,
-    family: Family,
-    /// Mean ns per packet of each run.
-    ns: Summary,
-    /// Per run: this case's mean / the no-op's mean of the same run (with the ~95% CI of
-    /// its median, which the per-packet targets are decided on).
-    ratio: Ratio,
-    /// Per run, with the per-call timer overhead (no-op at repeat = 1 minus no-op at
-    /// repeat = NOOP_REPEAT) taken out of both: (case - overhead) / no-op(repeat).
-    ratio_net: Summary,
-    /// Per run: this case's ratio to the no-op / the same case's ratio at the first point
-    /// of the sweep, in the same run: how flat the case is across the sweep. Flatness is
-    /// judged on the ~95% CI of its median: single runs are noisier than the ±10% asked
-    /// for, the median over runs is not.
-    vs_first_point: Ratio,
-}
-
-#[derive(Serialize)]
-struct Point {
-    /// "services" or "endpoints": which sweep this point belongs to.
-    sweep: &'static str,
-    shape: Shape,
-    frontends: usize,
-    /// The map sizes the point was loaded with (`lb-agent --max-*`).
-    capacities: CapacitiesOut,
-    maglev_table_size: u32,
-    maglev_slots_used: u64,
-    /// Wall time of the reconciler's first apply of this state.
-    apply_ms: f64,
-    noop: Summary,
-    /// The no-op's ns per repetition with repeat = NOOP_REPEAT (one call): the program
-    /// without the per-call timer overhead.
-    noop_repeat: Summary,
-    cases: Vec<CaseResult>,
-}
-
-#[derive(Serialize)]
-pub struct ProgResults {
-    runs: usize,
-    calls_per_run: usize,
-    method: &'static str,
-    /// Program each case runs through.
-    programs: Vec<(Case, &'static str)>,
-    points: Vec<Point>,
 }
 
 struct Config {
@@ -153,16 +90,15 @@ fn config(quick: bool) -> Config {
 pub fn run(quick: bool) -> Result<ProgResults> {
     let cfg = config(quick);
     enter_private_netns()?;
-    let all: Vec<(&'static str, Shape)> = cfg
+    let all: Vec<(Sweep, Shape)> = cfg
         .services
         .iter()
-        .map(|s| ("services", *s))
-        .chain(cfg.endpoints.iter().map(|s| ("endpoints", *s)))
+        .map(|s| (Sweep::Services, *s))
+        .chain(cfg.endpoints.iter().map(|s| (Sweep::Endpoints, *s)))
         .collect();
     // One more run than reported: the first warms caches and clocks up and is discarded
     // (without it, whichever point ran first came out ~10% slower).
     let total_runs = cfg.runs + 1;
-    let mut live = Vec::with_capacity(all.len());
     // The first object loaded in the process ran new flows ~5-8% slower than every later
     // one, whatever its point (measured: 1 service port first gave ×0.94 at 100,000 against
     // 1; the same points loaded in reverse order gave ×1.02), which made new flows look
@@ -171,6 +107,28 @@ pub fn run(quick: bool) -> Result<ProgResults> {
     let (first_state, _) = desired(all[0].1);
     let _decoy = Bench::load_with("prog-decoy", &capacities_for(&first_state))
         .context("loading the unmeasured first object")?;
+    let mut live = set_up_points(&all, total_runs, cfg.calls)?;
+    measure_runs(&mut live, &cfg, total_runs)?;
+    let points = finish_points(live, total_runs, cfg.calls)?;
+    Ok(ProgResults {
+        runs: cfg.runs,
+        calls_per_run: cfg.calls,
+        method: "BPF_PROG_TEST_RUN, repeat=1 per call, kernel-reported duration; \
+                 per run the mean over calls_per_run calls; median and p10/p90 over runs; \
+                 ratio per run against xdp_noop measured in the same run; every point \
+                 loaded with capacities sized for its state (+10%), flow tables at their \
+                 defaults"
+            .to_string(),
+        programs: [Case::Miss, Case::NewFlow, Case::Established, Case::Reply]
+            .map(|c| (c, c.program().to_string()))
+            .to_vec(),
+        points,
+    })
+}
+
+/// Loads every point of the sweeps, each with its own object and maps.
+fn set_up_points(all: &[(Sweep, Shape)], total_runs: usize, calls: usize) -> Result<Vec<Live>> {
+    let mut live = Vec::with_capacity(all.len());
     for (i, (sweep, shape)) in all.iter().enumerate() {
         eprintln!(
             "bench prog: setting up point {}/{}: {} service ports, {} frontends, {} \
@@ -182,10 +140,15 @@ pub fn run(quick: bool) -> Result<ProgResults> {
             shape.endpoints
         );
         live.push(
-            setup(sweep, *shape, total_runs, cfg.calls)
+            setup(*sweep, *shape, total_runs, calls)
                 .with_context(|| format!("setting up point {shape:?}"))?,
         );
     }
+    Ok(live)
+}
+
+/// Every run measures each point in turn.
+fn measure_runs(live: &mut [Live], cfg: &Config, total_runs: usize) -> Result<()> {
     // All points are loaded at once and every run measures each of them in turn, so a
     // noisy phase of the (shared) machine hits all points alike instead of one of them.
     let t = Instant::now();
@@ -201,6 +164,11 @@ pub fn run(quick: bool) -> Result<ProgResults> {
             progress(format!("run {}/{}", r + 1, total_runs));
         }
     }
+    Ok(())
+}
+
+/// Checks and summarises every point, its flatness against its sweep's first point.
+fn finish_points(live: Vec<Live>, total_runs: usize, calls: usize) -> Result<Vec<Point>> {
     let mut points = Vec::with_capacity(live.len());
     // Per point and case, the per-run ratios to the no-op; a sweep's first point is its
     // reference for flatness (points are in sweep order).
@@ -211,7 +179,7 @@ pub fn run(quick: bool) -> Result<ProgResults> {
         .collect();
     for (k, l) in live.into_iter().enumerate() {
         let shape = l.shape;
-        let p = finish(l, total_runs, cfg.calls, &ratios[firsts[k]])
+        let p = finish(l, total_runs, calls, &ratios[firsts[k]])
             .with_context(|| format!("point {shape:?}"))?;
         eprintln!(
             "bench prog: {} service ports, {} frontends, {} endpoints each",
@@ -233,19 +201,7 @@ pub fn run(quick: bool) -> Result<ProgResults> {
         }
         points.push(p);
     }
-    Ok(ProgResults {
-        runs: cfg.runs,
-        calls_per_run: cfg.calls,
-        method: "BPF_PROG_TEST_RUN, repeat=1 per call, kernel-reported duration; \
-                 per run the mean over calls_per_run calls; median and p10/p90 over runs; \
-                 ratio per run against xdp_noop measured in the same run; every point \
-                 loaded with capacities sized for its state (+10%), flow tables at their \
-                 defaults",
-        programs: [Case::Miss, Case::NewFlow, Case::Established, Case::Reply]
-            .map(|c| (c, c.program()))
-            .to_vec(),
-        points,
-    })
+    Ok(points)
 }
 
 /// Runs the benchmark in a network namespace of its own: `bpf_fib_lookup` in the program
@@ -422,7 +378,7 @@ const CASES: [(Case, Family); 8] = [
 
 /// One point of a sweep, loaded and populated, with the samples gathered so far.
 struct Live {
-    sweep: &'static str,
+    sweep: Sweep,
     shape: Shape,
     caps: Capacities,
     b: Bench,
@@ -437,7 +393,7 @@ struct Live {
 }
 
 /// Loads the object, applies the point's state and builds its packets for `total_runs`.
-fn setup(sweep: &'static str, shape: Shape, total_runs: usize, calls: usize) -> Result<Live> {
+fn setup(sweep: Sweep, shape: Shape, total_runs: usize, calls: usize) -> Result<Live> {
     let (state, _) = desired(shape);
     let caps = capacities_for(&state);
     let mut b = Bench::load_with("prog", &caps)?;
@@ -558,6 +514,7 @@ fn finish(l: Live, total_runs: usize, calls: usize, first: &[Vec<f64>]) -> Resul
             ratio: Ratio::of(ratios)?,
             ratio_net: Summary::of(&net)?,
             vs_first_point: ratio_with_ci(ratios, &first[i])?,
+            vs_first_point_ci: None,
         });
     }
     let table = lb_userspace::maglev::table_size(l.shape.endpoints);

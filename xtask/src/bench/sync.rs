@@ -5,8 +5,10 @@
 
 use super::common::{
     capacities_for, desired, endpoint_v4, endpoint_v6, progress, service_id, vip_v6, Bench,
-    CapacitiesOut, Shape, Summary, VIP_PORT,
+    VIP_PORT,
 };
+use super::results::sync::{Churn, FullSync, MapMem, SizedSync, SyncResults};
+use super::results::{CapacitiesOut, Shape, Summary};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use aya::maps::{Array, Map, MapData, MapInfo};
 use lb_common::{
@@ -19,117 +21,104 @@ use lb_userspace::model::{
     DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePortState,
 };
 use lb_userspace::reconciler::{ReconcileError, Reconciler};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-#[derive(Serialize)]
-struct FullSync {
-    shape: Shape,
-    /// Wall time of the first apply on empty maps.
-    ms: f64,
-    /// CPU time of that apply (the calling thread, user and kernel: the map writes are
-    /// system calls), apart from the wall time because the machine is shared: what the
-    /// apply costs rather than how long it waited for a CPU.
-    cpu_user_ms: f64,
-    cpu_sys_ms: f64,
-    services_applied: usize,
-    services_not_applied: usize,
-    /// Why some were not applied: service ports per shortage kind, if any.
-    shortage: Option<String>,
-    /// Map writes of the apply: MAGLEV slots (stored through the map's mmap, or in
-    /// BPF_MAP_UPDATE_BATCH chunks when MAGLEV is not BPF_F_MMAPABLE) and all other entries
-    /// (one batch per map and phase for the bulk of them: backends, names, VIPs,
-    /// frontends; one syscall each for the rest).
-    slots_written: usize,
-    other_writes: usize,
-}
-
-#[derive(Serialize)]
-struct Churn {
-    shape: Shape,
-    changes: usize,
-    /// One endpoint added to or removed from one service port, apply wall time (ms).
-    change_ms: Summary,
-    /// Apply of the unchanged state (the diff alone), same run (ms).
-    unchanged_ms: Summary,
-    /// Median MAGLEV slots written per change.
-    slots_written_p50: f64,
-    /// Mean ns of one BPF_MAP_UPDATE_ELEM on MAGLEV from user space, same run: the unit
-    /// cost of every map write the reconciler makes.
-    map_update_ns: f64,
-}
-
-#[derive(Serialize)]
-struct MapMem {
-    name: String,
-    map_type: String,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    /// BPF_F_* creation flags (BPF_F_MMAPABLE on MAGLEV: tables written through the mmap).
-    map_flags: u32,
-    bytes_memlock: u64,
-}
-
-/// A full sync on maps loaded with capacities sized for its state (`lb-agent --max-*`).
-#[derive(Serialize)]
-struct SizedSync {
-    #[serde(flatten)]
-    sync: FullSync,
-    /// "IPv4" or "IPv6" ClusterIPs and endpoints (100,000 distinct IPv4 ClusterIPs do not
-    /// fit the benchmark's address plan in 198.18.0.0/15).
-    family: &'static str,
-    capacities: CapacitiesOut,
-    maps_total_bytes: u64,
-    /// Everything but the flow tables (CT, RNAT, AFFINITY, SOCK_RNAT), whose size is a
-    /// matter of traffic, not of services.
-    service_maps_bytes: u64,
-    /// service_maps_bytes / service ports.
-    bytes_per_service: f64,
-    /// CT + RNAT bytes per flow of `--max-flows` (one entry in each).
-    bytes_per_flow: f64,
-    /// AFFINITY + SOCK_RNAT (fixed sizes, not scaled by --max-flows).
-    other_flow_maps_bytes: u64,
-}
-
-#[derive(Serialize)]
-pub struct SyncResults {
-    churn: Churn,
-    full_syncs: Vec<FullSync>,
-    /// Full syncs with capacities sized for the state.
-    sized_syncs: Vec<SizedSync>,
-    /// Map memory with capacities sized for 10,000 x 10.
-    sized_maps: Vec<MapMem>,
-    maps: Vec<MapMem>,
-    maps_total_bytes: u64,
-    /// maps_total_bytes / 10,000 service ports (the maps are preallocated, so the total
-    /// does not depend on how many are in use).
-    bytes_per_service_at_10000: f64,
-    limits: Vec<String>,
-}
-
 pub fn run(quick: bool) -> Result<SyncResults> {
-    let table10 = lb_userspace::maglev::table_size(10);
-    let table1 = lb_userspace::maglev::table_size(1);
-    let max10 = (MAGLEV_SLOTS / table10) as usize;
-    // One-endpoint ports take a 1-slot table: the id capacities run out first (the
-    // probe port adds a frontend, a VIP and a backend, hence the margin).
-    let max1 = (MAGLEV_SLOTS / table1)
-        .min(MAX_SERVICES)
-        .min(MAX_FRONTENDS)
-        .min(MAX_VIPS)
-        .min(MAX_BACKENDS) as usize
-        - 2;
-    let shape = |services, endpoints| Shape {
+    let limits = DefaultLimits::new();
+    let churn = run_churn(quick)?;
+    let (full_syncs, maps) = run_full_syncs(quick, &limits)?;
+    let total: u64 = maps.iter().map(|m| m.bytes_memlock).sum();
+    eprintln!(
+        "    maps: {:.1} MiB in total (bytes_memlock)",
+        total as f64 / (1 << 20) as f64
+    );
+    let (sized_syncs, sized_maps) = run_sized_syncs(quick)?;
+    Ok(SyncResults {
+        churn,
+        full_syncs,
+        sized_syncs,
+        sized_maps,
+        bytes_per_service_at_10000: total as f64 / 10_000.0,
+        maps_total_bytes: total,
+        maps,
+        limits: limits.describe(),
+    })
+}
+
+/// A shape with one frontend per service port.
+fn shape(services: usize, endpoints: usize) -> Shape {
+    Shape {
         services,
         frontends_per_service: 1,
         endpoints,
-    };
+    }
+}
 
-    // Churn on 1,000 service ports with 10 endpoints each (211-slot tables: 211,000 of
-    // 1,048,576 slots, the rest leaves room for the new table of a changed service).
+/// How many service ports the default capacities hold.
+struct DefaultLimits {
+    /// Slots of a table for 10 endpoints, and for one.
+    table10: u32,
+    table1: u32,
+    /// Service ports with 10 endpoints that fit MAGLEV.
+    max10: usize,
+    /// Service ports with one endpoint that fit every capacity.
+    max1: usize,
+}
+
+impl DefaultLimits {
+    fn new() -> Self {
+        let table10 = lb_userspace::maglev::table_size(10);
+        let table1 = lb_userspace::maglev::table_size(1);
+        let max10 = (MAGLEV_SLOTS / table10) as usize;
+        // One-endpoint ports take a 1-slot table: the id capacities run out first (the
+        // probe port adds a frontend, a VIP and a backend, hence the margin).
+        let max1 = (MAGLEV_SLOTS / table1)
+            .min(MAX_SERVICES)
+            .min(MAX_FRONTENDS)
+            .min(MAX_VIPS)
+            .min(MAX_BACKENDS) as usize
+            - 2;
+        Self {
+            table10,
+            table1,
+            max10,
+            max1,
+        }
+    }
+
+    /// The limits as the results list them.
+    fn describe(&self) -> Vec<String> {
+        let Self {
+            table10,
+            table1,
+            max10,
+            max1,
+        } = self;
+        vec![
+            format!(
+                "MAGLEV_SLOTS = {MAGLEV_SLOTS}: 10 endpoints need a {table10}-slot table, so at \
+                 most {max10} service ports with 10 endpoints fit; one endpoint takes \
+                 {table1} slot(s), so MAX_SERVICES/MAX_FRONTENDS/MAX_VIPS/MAX_BACKENDS \
+                 bound 1-endpoint ports ({max1} measured)"
+            ),
+            format!(
+                "MAX_BACKENDS = {MAX_BACKENDS}: 10,000 x 10 distinct endpoints would need \
+                 100,000 backend ids"
+            ),
+            format!(
+                "MAX_FRONTENDS = {MAX_FRONTENDS}: 100,000 service ports cannot fit \
+                 (lb-agent --max-frontends/--max-services/--max-backends/--maglev-slots \
+                 raise these at load time)"
+            ),
+        ]
+    }
+}
+
+/// Churn on 1,000 service ports with 10 endpoints each (211-slot tables: 211,000 of
+/// 1,048,576 slots, the rest leaves room for the new table of a changed service).
+fn run_churn(quick: bool) -> Result<Churn> {
     let changes = if quick { 50 } else { 200 };
     eprintln!("bench sync: endpoint churn, {changes} changes on 1,000 service ports x 10");
     let churn = churn(shape(1_000, 10), changes)?;
@@ -138,13 +127,17 @@ pub fn run(quick: bool) -> Result<SyncResults> {
          one MAGLEV update {:.0} ns",
         churn.change_ms.p50, churn.change_ms.p99, churn.unchanged_ms.p50, churn.map_update_ns
     );
+    Ok(churn)
+}
 
+/// Full syncs at the default capacities, with the maps' memory of the first.
+fn run_full_syncs(quick: bool, limits: &DefaultLimits) -> Result<(Vec<FullSync>, Vec<MapMem>)> {
     // The probe service port is dual-stack (two tables), hence the - 1.
-    let mut shapes = vec![shape(10_000, 1), shape(max10 - 1, 10)];
+    let mut shapes = vec![shape(10_000, 1), shape(limits.max10 - 1, 10)];
     if !quick {
         // 10,000 x 10 does not fit the default MAGLEV; run it anyway so the report shows
         // how much of it the reconciler applies and what it refuses (sized below).
-        shapes.push(shape(max1, 1));
+        shapes.push(shape(limits.max1, 1));
         shapes.push(shape(10_000, 10));
     }
     let mut full_syncs = Vec::new();
@@ -165,14 +158,12 @@ pub fn run(quick: bool) -> Result<SyncResults> {
         full_syncs.push(fs);
     }
     let maps = maps.ok_or_else(|| anyhow!("no full sync ran"))?;
-    let total: u64 = maps.iter().map(|m| m.bytes_memlock).sum();
-    eprintln!(
-        "    maps: {:.1} MiB in total (bytes_memlock)",
-        total as f64 / (1 << 20) as f64
-    );
+    Ok((full_syncs, maps))
+}
 
-    // The issue's workloads on maps sized for them. 10,000 x 10 also runs in --quick
-    // (about 2 s): it is the one the memory figure is for.
+/// The issue's workloads on maps sized for them, with the maps' memory of the first.
+fn run_sized_syncs(quick: bool) -> Result<(Vec<SizedSync>, Vec<MapMem>)> {
+    // 10,000 x 10 also runs in --quick (about 2 s): it is the one the memory figure is for.
     let mut sized = vec![(shape(10_000, 10), "IPv4")];
     if !quick {
         sized.push((shape(100_000, 1), "IPv6"));
@@ -183,92 +174,74 @@ pub fn run(quick: bool) -> Result<SyncResults> {
     let mut sized_syncs = Vec::new();
     let mut sized_maps = None;
     for (s, family) in sized {
-        let state = if family == "IPv6" {
-            desired_v6(s.services, s.endpoints)
-        } else {
-            desired(s).0
-        };
-        let caps = capacities_for(&state);
-        eprintln!(
-            "bench sync: full sync of {} service ports x {} endpoints ({family}) with \
-             capacities sized for it: {caps:?}",
-            s.services, s.endpoints
-        );
-        let (fs, mem) = full_sync_sized(s, &state, &caps)?;
-        drop(state);
-        let total: u64 = mem.iter().map(|m| m.bytes_memlock).sum();
-        let bytes_of = |names: &[&str]| -> u64 {
-            mem.iter()
-                .filter(|m| names.contains(&m.name.as_str()))
-                .map(|m| m.bytes_memlock)
-                .sum()
-        };
-        let service_maps: u64 = mem
-            .iter()
-            .filter(|m| !FLOW_MAPS.contains(&m.name.as_str()))
-            .map(|m| m.bytes_memlock)
-            .sum();
-        let per_flow = bytes_of(&[MAP_CT, MAP_RNAT]) as f64 / f64::from(caps.flows);
-        let other_flow_maps = bytes_of(&[MAP_AFFINITY, MAP_SOCK_RNAT]);
-        eprintln!(
-            "    {:.1} ms (CPU: {:.1} ms user, {:.1} ms system), {} applied, {} not applied; \
-             maps {:.1} MiB ({:.1} MiB without the flow tables, {:.0} bytes per service \
-             port; flow tables {per_flow:.0} bytes per flow)",
-            fs.ms,
-            fs.cpu_user_ms,
-            fs.cpu_sys_ms,
-            fs.services_applied,
-            fs.services_not_applied,
-            total as f64 / (1 << 20) as f64,
-            service_maps as f64 / (1 << 20) as f64,
-            service_maps as f64 / s.services as f64
-        );
-        ensure!(
-            fs.services_not_applied == 0,
-            "sized capacities refused service ports: {:?}",
-            fs.shortage
-        );
+        let (sync, mem) = sized_sync(s, family)?;
         if sized_maps.is_none() {
             sized_maps = Some(mem);
         }
-        sized_syncs.push(SizedSync {
-            sync: fs,
-            family,
-            capacities: CapacitiesOut::from(&caps),
-            maps_total_bytes: total,
-            service_maps_bytes: service_maps,
-            bytes_per_service: service_maps as f64 / s.services as f64,
-            bytes_per_flow: per_flow,
-            other_flow_maps_bytes: other_flow_maps,
-        });
+        sized_syncs.push(sync);
     }
     let sized_maps = sized_maps.ok_or_else(|| anyhow!("no sized full sync ran"))?;
-    Ok(SyncResults {
-        churn,
-        full_syncs,
-        sized_syncs,
-        sized_maps,
-        bytes_per_service_at_10000: total as f64 / 10_000.0,
+    Ok((sized_syncs, sized_maps))
+}
+
+/// One full sync on maps sized for its state, and where their memory goes.
+fn sized_sync(s: Shape, family: &str) -> Result<(SizedSync, Vec<MapMem>)> {
+    let state = if family == "IPv6" {
+        desired_v6(s.services, s.endpoints)
+    } else {
+        desired(s).0
+    };
+    let caps = capacities_for(&state);
+    eprintln!(
+        "bench sync: full sync of {} service ports x {} endpoints ({family}) with \
+         capacities sized for it: {caps:?}",
+        s.services, s.endpoints
+    );
+    let (fs, mem) = full_sync_sized(s, &state, &caps)?;
+    drop(state);
+    let total: u64 = mem.iter().map(|m| m.bytes_memlock).sum();
+    let bytes_of = |names: &[&str]| -> u64 {
+        mem.iter()
+            .filter(|m| names.contains(&m.name.as_str()))
+            .map(|m| m.bytes_memlock)
+            .sum()
+    };
+    let service_maps: u64 = mem
+        .iter()
+        .filter(|m| !FLOW_MAPS.contains(&m.name.as_str()))
+        .map(|m| m.bytes_memlock)
+        .sum();
+    let per_flow = bytes_of(&[MAP_CT, MAP_RNAT]) as f64 / f64::from(caps.flows);
+    let other_flow_maps = bytes_of(&[MAP_AFFINITY, MAP_SOCK_RNAT]);
+    eprintln!(
+        "    {:.1} ms (CPU: {:.1} ms user, {:.1} ms system), {} applied, {} not applied; \
+         maps {:.1} MiB ({:.1} MiB without the flow tables, {:.0} bytes per service \
+         port; flow tables {per_flow:.0} bytes per flow)",
+        fs.ms,
+        fs.cpu_user_ms,
+        fs.cpu_sys_ms,
+        fs.services_applied,
+        fs.services_not_applied,
+        total as f64 / (1 << 20) as f64,
+        service_maps as f64 / (1 << 20) as f64,
+        service_maps as f64 / s.services as f64
+    );
+    ensure!(
+        fs.services_not_applied == 0,
+        "sized capacities refused service ports: {:?}",
+        fs.shortage
+    );
+    let sync = SizedSync {
+        sync: fs,
+        family: family.to_string(),
+        capacities: CapacitiesOut::from(&caps),
         maps_total_bytes: total,
-        maps,
-        limits: vec![
-            format!(
-                "MAGLEV_SLOTS = {MAGLEV_SLOTS}: 10 endpoints need a {table10}-slot table, so at \
-                 most {max10} service ports with 10 endpoints fit; one endpoint takes \
-                 {table1} slot(s), so MAX_SERVICES/MAX_FRONTENDS/MAX_VIPS/MAX_BACKENDS \
-                 bound 1-endpoint ports ({max1} measured)"
-            ),
-            format!(
-                "MAX_BACKENDS = {MAX_BACKENDS}: 10,000 x 10 distinct endpoints would need \
-                 100,000 backend ids"
-            ),
-            format!(
-                "MAX_FRONTENDS = {MAX_FRONTENDS}: 100,000 service ports cannot fit \
-                 (lb-agent --max-frontends/--max-services/--max-backends/--maglev-slots \
-                 raise these at load time)"
-            ),
-        ],
-    })
+        service_maps_bytes: service_maps,
+        bytes_per_service: service_maps as f64 / s.services as f64,
+        bytes_per_flow: per_flow,
+        other_flow_maps_bytes: other_flow_maps,
+    };
+    Ok((sync, mem))
 }
 
 /// Maps whose size depends on traffic, not on services: kept at their defaults when the

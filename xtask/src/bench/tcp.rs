@@ -21,13 +21,14 @@
 //! (`kubeproxy.rs`), the same as `bench forward`'s, with TCP.
 
 use super::common::{
-    baseline_versions, install, progress, ratio_with_ci, round_order, InNetns, Installed, NodeLb,
-    Ratio, Rounds, Summary,
+    baseline_versions, install, progress, round_order, InNetns, Installed, NodeLb, Rounds,
 };
 use super::kubeproxy::Plan;
+use super::results::stats::ratio_with_ci;
+use super::results::tcp::{Path, PathResult, Point, TcpResults, PATHS};
+use super::results::Summary;
 use crate::netns::{self, Topology, POD_HTTP_PORT};
 use anyhow::{bail, Context as _, Result};
-use serde::Serialize;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
@@ -47,24 +48,8 @@ fn client_src(j: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(CLIENT_SRC_BASE) + j as u32)
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Path {
-    Xdplb,
-    Iptables,
-    Nftables,
-}
-
-pub const PATHS: [Path; 3] = [Path::Xdplb, Path::Iptables, Path::Nftables];
-
 impl Path {
-    pub fn label(self) -> &'static str {
-        match self {
-            Path::Xdplb => "xdplb (default mode)",
-            Path::Iptables => "kube-proxy iptables",
-            Path::Nftables => "kube-proxy nftables",
-        }
-    }
+    /// Names this path's namespaces.
     fn tag(self) -> &'static str {
         match self {
             Path::Xdplb => "tx",
@@ -79,56 +64,6 @@ impl Path {
             Path::Nftables => NodeLb::Nftables,
         }
     }
-}
-
-#[derive(Serialize)]
-struct PathResult {
-    path: Path,
-    label: &'static str,
-    /// Completed exchanges per second, per round.
-    conns_per_s: Summary,
-    /// Latency of every exchange of every round, microseconds.
-    latency_us: Summary,
-    /// This path's median latency of each round (µs), summarised over rounds.
-    p50_per_round_us: Summary,
-    /// This path's 99th percentile of each round (µs), summarised over rounds.
-    p99_per_round_us: Summary,
-    /// Per round: this path's median latency / iptables' of the same round.
-    p50_vs_iptables: Ratio,
-    /// Per round: this path's p99 latency / iptables' of the same round.
-    p99_vs_iptables: Ratio,
-    /// Per round: this path's connections/s / iptables' of the same round.
-    rate_vs_iptables: Ratio,
-    /// Per round: this path's median latency / nftables' of the same round.
-    p50_vs_nftables: Ratio,
-    /// Per round: this path's p99 latency / nftables' of the same round.
-    p99_vs_nftables: Ratio,
-    /// Per round: this path's connections/s / nftables' of the same round.
-    rate_vs_nftables: Ratio,
-    /// Per round: this path's median latency / the same path's at the first (smallest)
-    /// service count, measured in the same round: how flat the path is.
-    p50_vs_first_point: Ratio,
-    errors: u64,
-}
-
-#[derive(Serialize)]
-struct Point {
-    services: usize,
-    hot: usize,
-    paths: Vec<PathResult>,
-}
-
-#[derive(Serialize)]
-pub struct TcpResults {
-    rounds: usize,
-    /// Seconds each setup is measured per round, in `slices_per_round` interleaved turns.
-    seconds_per_run: f64,
-    slices_per_round: usize,
-    client_threads: usize,
-    hot_services: usize,
-    iptables_version: String,
-    nft_version: String,
-    points: Vec<Point>,
 }
 
 /// One path of one point. Fields drop in order: the agent and its pins go before the
@@ -284,7 +219,50 @@ pub fn run(quick: bool) -> Result<TcpResults> {
     // topologies. `--quick` only checks that every path works.
     let c = Rounds::new(quick, (2, 0.4), (31, 0.4));
     let (iptables_version, nft_version) = baseline_versions();
-    // Every (point, path), point-major: setup `p * PATHS.len() + k` is path k of point p.
+    let (setups, hots) = build_all(&c)?;
+    let hot_of = |i: usize| hots[i / PATHS.len()];
+    warm_up(&setups, hot_of)?;
+    let samples = measure_rounds(&setups, hot_of, &c)?;
+    let mut points = Vec::new();
+    for (pi, &services) in c.services.iter().enumerate() {
+        let paths = path_results(&samples, pi)?;
+        for p in &paths {
+            eprintln!(
+                "    {:>6} services  {:24} {:>7.0} conn/s  p50 {:>6.0} µs  p99 {:>6.0} µs  \
+                 p50 x{:.2} iptables x{:.2} nftables x{:.2} at 1st point  {} errors",
+                services,
+                p.label,
+                p.conns_per_s.p50,
+                p.latency_us.p50,
+                p.latency_us.p99,
+                p.p50_vs_iptables.spread.p50,
+                p.p50_vs_nftables.map_or(f64::NAN, |r| r.spread.p50),
+                p.p50_vs_first_point.spread.p50,
+                p.errors
+            );
+        }
+        points.push(Point {
+            services,
+            hot: hots[pi],
+            paths,
+        });
+    }
+    drop(setups);
+    Ok(TcpResults {
+        rounds: c.rounds,
+        seconds_per_run: c.seconds,
+        slices_per_round: SLICES,
+        client_threads: CLIENT_THREADS,
+        hot_services: HOT,
+        iptables_version: Some(iptables_version),
+        nft_version: Some(nft_version),
+        points,
+    })
+}
+
+/// Every (point, path), point-major: setup `p * PATHS.len() + k` is path k of point p;
+/// with the hot services of each point.
+fn build_all(c: &Rounds) -> Result<(Vec<Setup>, Vec<usize>)> {
     let mut setups = Vec::new();
     let mut hots = Vec::new();
     for &services in &c.services {
@@ -309,9 +287,12 @@ pub fn run(quick: bool) -> Result<TcpResults> {
             setups.push(s);
         }
     }
-    let hot_of = |i: usize| hots[i / PATHS.len()];
-    // The client's SYNs to a VIP leave through the node; answer-less runs mean a broken
-    // path, not a slow one.
+    Ok((setups, hots))
+}
+
+/// The client's SYNs to a VIP leave through the node; answer-less runs mean a broken
+/// path, not a slow one.
+fn warm_up(setups: &[Setup], hot_of: impl Fn(usize) -> usize) -> Result<()> {
     for (i, s) in setups.iter().enumerate() {
         let (_, lat, errors) = measure(s, hot_of(i), 0.3)?;
         if lat.is_empty() {
@@ -322,12 +303,32 @@ pub fn run(quick: bool) -> Result<TcpResults> {
             );
         }
     }
+    Ok(())
+}
+
+/// Per setup (indexed as [`build_all`]'s): connections/s, p50 and p99 of each round,
+/// every latency of every round (µs), and the errors.
+struct Samples {
+    rates: Vec<Vec<f64>>,
+    p50s: Vec<Vec<f64>>,
+    p99s: Vec<Vec<f64>>,
+    lats: Vec<Vec<f64>>,
+    errs: Vec<u64>,
+}
+
+fn measure_rounds(
+    setups: &[Setup],
+    hot_of: impl Fn(usize) -> usize,
+    c: &Rounds,
+) -> Result<Samples> {
     let n = setups.len();
-    let mut rates = vec![Vec::new(); n];
-    let mut p50s = vec![Vec::new(); n];
-    let mut p99s = vec![Vec::new(); n];
-    let mut lats = vec![Vec::new(); n];
-    let mut errs = vec![0u64; n];
+    let mut m = Samples {
+        rates: vec![Vec::new(); n],
+        p50s: vec![Vec::new(); n],
+        p99s: vec![Vec::new(); n],
+        lats: vec![Vec::new(); n],
+        errs: vec![0u64; n],
+    };
     for round in 0..c.rounds {
         progress(format!("tcp: round {}/{}", round + 1, c.rounds));
         // A round gives every setup `c.seconds` in SLICES turns, interleaved, so setups that
@@ -341,7 +342,7 @@ pub fn run(quick: bool) -> Result<TcpResults> {
                 let (el, lat, e) = measure(&setups[i], hot_of(i), c.seconds / SLICES as f64)?;
                 secs[i] += el;
                 round_lat[i].extend(lat);
-                errs[i] += e;
+                m.errs[i] += e;
             }
         }
         for (i, lat) in round_lat.into_iter().enumerate() {
@@ -352,71 +353,50 @@ pub fn run(quick: bool) -> Result<TcpResults> {
                     setups[i].path.label(),
                     c.services[i / PATHS.len()],
                     round + 1,
-                    errs[i]
+                    m.errs[i]
                 )
             })?;
-            rates[i].push(lat.len() as f64 / secs[i]);
-            p50s[i].push(sum.p50);
-            p99s[i].push(sum.p99);
-            lats[i].extend(lat);
+            m.rates[i].push(lat.len() as f64 / secs[i]);
+            m.p50s[i].push(sum.p50);
+            m.p99s[i].push(sum.p99);
+            m.lats[i].extend(lat);
         }
     }
+    Ok(m)
+}
+
+/// The figures of every path at point `pi`, its ratios taken within each round.
+fn path_results(m: &Samples, pi: usize) -> Result<Vec<PathResult>> {
     let at = |point: usize, p: Path| {
         point * PATHS.len() + PATHS.iter().position(|x| *x == p).unwrap_or(0)
     };
-    let mut points = Vec::new();
-    for (pi, &services) in c.services.iter().enumerate() {
-        let (ipt, nft) = (at(pi, Path::Iptables), at(pi, Path::Nftables));
-        let mut paths = Vec::new();
-        for path in PATHS {
-            let i = at(pi, path);
-            paths.push(PathResult {
-                path,
-                label: path.label(),
-                conns_per_s: Summary::of(&rates[i])?,
-                latency_us: Summary::of(&lats[i])?,
-                p50_per_round_us: Summary::of(&p50s[i])?,
-                p99_per_round_us: Summary::of(&p99s[i])?,
-                p50_vs_iptables: ratio_with_ci(&p50s[i], &p50s[ipt])?,
-                p99_vs_iptables: ratio_with_ci(&p99s[i], &p99s[ipt])?,
-                rate_vs_iptables: ratio_with_ci(&rates[i], &rates[ipt])?,
-                p50_vs_nftables: ratio_with_ci(&p50s[i], &p50s[nft])?,
-                p99_vs_nftables: ratio_with_ci(&p99s[i], &p99s[nft])?,
-                rate_vs_nftables: ratio_with_ci(&rates[i], &rates[nft])?,
-                p50_vs_first_point: ratio_with_ci(&p50s[i], &p50s[at(0, path)])?,
-                errors: errs[i],
-            });
-        }
-        for p in &paths {
-            eprintln!(
-                "    {:>6} services  {:24} {:>7.0} conn/s  p50 {:>6.0} µs  p99 {:>6.0} µs  \
-                 p50 x{:.2} iptables x{:.2} nftables x{:.2} at 1st point  {} errors",
-                services,
-                p.label,
-                p.conns_per_s.p50,
-                p.latency_us.p50,
-                p.latency_us.p99,
-                p.p50_vs_iptables.spread.p50,
-                p.p50_vs_nftables.spread.p50,
-                p.p50_vs_first_point.spread.p50,
-                p.errors
-            );
-        }
-        points.push(Point {
-            services,
-            hot: hots[pi],
-            paths,
+    let (ipt, nft) = (at(pi, Path::Iptables), at(pi, Path::Nftables));
+    let Samples {
+        rates,
+        p50s,
+        p99s,
+        lats,
+        errs,
+    } = m;
+    let mut paths = Vec::new();
+    for path in PATHS {
+        let i = at(pi, path);
+        paths.push(PathResult {
+            path,
+            label: path.label().to_string(),
+            conns_per_s: Summary::of(&rates[i])?,
+            latency_us: Summary::of(&lats[i])?,
+            p50_per_round_us: Summary::of(&p50s[i])?,
+            p99_per_round_us: Summary::of(&p99s[i])?,
+            p50_vs_iptables: ratio_with_ci(&p50s[i], &p50s[ipt])?,
+            p99_vs_iptables: Some(ratio_with_ci(&p99s[i], &p99s[ipt])?),
+            rate_vs_iptables: ratio_with_ci(&rates[i], &rates[ipt])?,
+            p50_vs_nftables: Some(ratio_with_ci(&p50s[i], &p50s[nft])?),
+            p99_vs_nftables: Some(ratio_with_ci(&p99s[i], &p99s[nft])?),
+            rate_vs_nftables: ratio_with_ci(&rates[i], &rates[nft])?,
+            p50_vs_first_point: ratio_with_ci(&p50s[i], &p50s[at(0, path)])?,
+            errors: errs[i],
         });
     }
-    drop(setups);
-    Ok(TcpResults {
-        rounds: c.rounds,
-        seconds_per_run: c.seconds,
-        slices_per_round: SLICES,
-        client_threads: CLIENT_THREADS,
-        hot_services: HOT,
-        iptables_version,
-        nft_version,
-        points,
-    })
+    Ok(paths)
 }
