@@ -78,12 +78,14 @@ mod conflicts;
 mod endpoints;
 mod error;
 mod fields;
+mod ignored;
 mod node;
 mod object;
 mod policy;
 mod service;
 #[cfg(test)]
 mod tests;
+mod topology;
 
 use std::collections::BTreeMap;
 
@@ -94,7 +96,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 pub use conflicts::FrontendConflict;
 pub use endpoints::{validate_slice, SERVICE_NAME_LABEL};
 pub use error::TranslateError;
-pub use node::{validate_node, NodeInfo};
+pub use ignored::{Ignored, IgnoredReason, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+pub use node::{validate_node, NodeInfo, ZONE_LABEL};
 pub use object::{ObjectKind, ObjectRef, DEFAULT_NAMESPACE};
 pub use policy::{
     parse_prefix, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S, SOURCE_RANGES_ANNOTATION,
@@ -106,7 +109,7 @@ use conflicts::resolve_conflicts;
 use endpoints::{classify, endpoints_by_service, EndpointsByPort};
 use fields::{parse_protocol, ApiProtocol};
 use object::namespace_of;
-use service::{is_ignored, ServiceWide};
+use service::{skipped, ServiceWide};
 
 /// Builds the desired state from valid Services and EndpointSlices (see
 /// [`validate_service`] and [`validate_slice`]). Anything an invalid object would need is
@@ -138,12 +141,32 @@ pub fn translate_with_conflicts<'a, 'b>(
     slices: impl Iterator<Item = &'b EndpointSlice>,
     node: &NodeInfo,
 ) -> Translation {
-    let mut endpoints = endpoints_by_service(slices, node);
+    translate_with_ignored(services, slices, node).0
+}
+
+/// [`translate_with_conflicts`], also listing everything left out on purpose, one
+/// [`Ignored`] per object or field, with a reason from [`IgnoredReason`]: Services and
+/// EndpointSlices of another proxy (`other-proxy`), headless and ExternalName Services
+/// and headless slices (`headless`, `external-name`), Services without a clusterIP
+/// (`no-cluster-ip`), externalIPs and load balancer IPs of a family the Service does not
+/// have (`wrong-family`), NodePorts with no node address to listen on
+/// (`no-node-address`, once per Service), SCTP ports (`unsupported-protocol`). In input
+/// order (Services first, then slices). This is what warnings, the
+/// `xdplb_objects_ignored_total{reason}` metric and `lbctl services --all` report.
+pub fn translate_with_ignored<'a, 'b>(
+    services: impl Iterator<Item = &'a Service>,
+    slices: impl Iterator<Item = &'b EndpointSlice>,
+    node: &NodeInfo,
+) -> (Translation, Vec<Ignored>) {
+    let mut slices_ignored = Vec::new();
+    let mut endpoints = endpoints_by_service(slices, node, &mut slices_ignored);
+    let mut ignored = Vec::new();
     let mut state = DesiredState::default();
     // (namespace, name) → creation time: the tie-break for contested frontends.
     let mut created: BTreeMap<(String, String), Option<Time>> = BTreeMap::new();
     for svc in services {
-        if is_ignored(svc) {
+        if let Some(skip) = skipped(svc) {
+            ignored.push(skip);
             continue;
         }
         let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
@@ -152,24 +175,27 @@ pub fn translate_with_conflicts<'a, 'b>(
         let namespace = namespace_of(&svc.metadata);
         let key = (namespace.to_owned(), name.to_owned());
         let listed = endpoints.remove(&key).unwrap_or_default();
-        add_service_ports(svc, namespace, name, listed, node, &mut state);
+        let shared = ServiceWide::of(svc, node);
+        add_service_ports(svc, &shared, namespace, name, listed, node, &mut state);
+        ignored.extend(shared.ignored);
         created.insert(key, svc.metadata.creation_timestamp.clone());
     }
+    ignored.extend(slices_ignored);
     let conflicts = resolve_conflicts(&mut state, &created);
-    Translation { state, conflicts }
+    (Translation { state, conflicts }, ignored)
 }
 
-/// Adds one `ServicePortState` per TCP or UDP port of a (non-ignored) service, with the
+/// Adds one `ServicePortState` per TCP or UDP port of a (not skipped) service, with the
 /// endpoints `listed` for that port's (name, protocol).
 fn add_service_ports(
     svc: &Service,
+    shared: &ServiceWide,
     namespace: &str,
     name: &str,
     mut listed: EndpointsByPort,
     node: &NodeInfo,
     state: &mut DesiredState,
 ) {
-    let shared = ServiceWide::of(svc, node);
     let ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref());
     for p in ports.unwrap_or_default() {
         let Some(ApiProtocol::Supported(protocol)) = parse_protocol(p.protocol.as_deref()) else {
@@ -183,7 +209,7 @@ fn add_service_ports(
         let port_endpoints = listed
             .remove(&(port_name.clone(), protocol))
             .unwrap_or_default();
-        let (endpoints, local_endpoints, draining) = classify(&port_endpoints);
+        let (endpoints, local_endpoints, draining) = classify(&port_endpoints, node);
         state.services.insert(
             ServicePortId {
                 namespace: namespace.to_owned(),
