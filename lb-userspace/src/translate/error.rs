@@ -4,7 +4,8 @@ use super::ignored::Ignored;
 use super::object::ObjectRef;
 
 /// Why an object (or, for the warnings [`TranslateError::UnsupportedProtocol`] and
-/// [`TranslateError::Ignored`], a part of it) cannot be used. Every variant names the object and the field path.
+/// [`TranslateError::Ignored`], a part of it) cannot be used. Every variant names the
+/// object and the field path.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TranslateError {
     #[error("{object}: {field}: required field is missing or empty")]
