@@ -72,9 +72,10 @@ pub enum TranslateError {
         reason: String,
     },
     /// A warning, not a rejection: part of a valid object is left out, or all of it is
-    /// (see [`Ignored`] for what and why).
+    /// (see [`Ignored`] for what and why). Boxed to keep the error small
+    /// (clippy::result_large_err).
     #[error("{0}")]
-    Ignored(Ignored),
+    Ignored(Box<Ignored>),
 }
 
 impl TranslateError {

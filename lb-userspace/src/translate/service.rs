@@ -312,7 +312,7 @@ fn validate_port_fields(
 pub fn service_warnings(svc: &Service) -> Vec<TranslateError> {
     if let Some(skip) = skipped(svc) {
         return match skip.reason {
-            IgnoredReason::NoClusterIp => vec![TranslateError::Ignored(skip)],
+            IgnoredReason::NoClusterIp => vec![TranslateError::Ignored(Box::new(skip))],
             _ => Vec::new(),
         };
     }
@@ -330,7 +330,11 @@ pub fn service_warnings(svc: &Service) -> Vec<TranslateError> {
         })
         .collect();
     let (_, wrong_family) = frontend_addrs(svc, &object);
-    warnings.extend(wrong_family.into_iter().map(TranslateError::Ignored));
+    warnings.extend(
+        wrong_family
+            .into_iter()
+            .map(|ignored| TranslateError::Ignored(Box::new(ignored))),
+    );
     warnings
 }
 

@@ -34,7 +34,7 @@ fn warned_about(s: &Service) -> Vec<Ignored> {
     service_warnings(s)
         .into_iter()
         .filter_map(|w| match w {
-            crate::translate::TranslateError::Ignored(i) => Some(i),
+            crate::translate::TranslateError::Ignored(i) => Some(*i),
             _ => None,
         })
         .collect()
