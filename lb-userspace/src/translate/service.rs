@@ -77,9 +77,8 @@ pub(super) fn skipped(svc: &Service) -> Option<Ignored> {
             "spec.clusterIP",
             "",
             IgnoredReason::NoClusterIp,
-            "the Service has no clusterIP, so it is skipped as kube-proxy skips it (a \
-             manifest written before the API server allocated one?): give spec.clusterIP \
-             an address",
+            "no clusterIP (a manifest written before the API server allocated one?): the \
+             Service is not programmed, as kube-proxy; give spec.clusterIP an address",
         ));
     }
     None
