@@ -157,8 +157,12 @@ pub struct ServicePortState {
     pub external_local: bool,
     /// `sessionAffinity: ClientIP`: the timeout in seconds (default 10800).
     pub affinity_timeout_s: Option<u32>,
-    /// `loadBalancerSourceRanges`, sorted, without duplicates; they restrict the
-    /// LoadBalancer frontends only (as in kube-proxy). Empty: any source.
+    /// `loadBalancerSourceRanges` of both families, sorted, without duplicates. They
+    /// restrict the LoadBalancer frontends only, and per family: each family's ranges
+    /// apply to that family's frontends, and a family without ranges of its own is not
+    /// restricted (each kube-proxy family proxier keeps only its family's ranges,
+    /// `newBaseServiceInfo`). See [`ServicePortState::source_ranges_for`]. Empty: any
+    /// source.
     pub source_ranges: Vec<Prefix>,
     /// `healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy: Local`).
     pub health_check_node_port: Option<u16>,
@@ -172,6 +176,29 @@ impl ServicePortState {
         } else {
             self.internal_local
         }
+    }
+
+    /// The source ranges that restrict new flows to frontend `f`: the
+    /// `loadBalancerSourceRanges` of `f`'s family for a LoadBalancer frontend. Empty: any
+    /// source may connect (other kinds, or no range of this family).
+    pub fn source_ranges_for(&self, f: &Frontend) -> Vec<Prefix> {
+        if f.kind != FrontendKind::LoadBalancer {
+            return Vec::new();
+        }
+        self.source_ranges
+            .iter()
+            .filter(|p| p.addr.is_ipv4() == f.addr.is_ipv4())
+            .copied()
+            .collect()
+    }
+
+    /// Whether only [`ServicePortState::source_ranges_for`] `f` may connect to `f`.
+    pub fn restricts_source(&self, f: &Frontend) -> bool {
+        f.kind == FrontendKind::LoadBalancer
+            && self
+                .source_ranges
+                .iter()
+                .any(|p| p.addr.is_ipv4() == f.addr.is_ipv4())
     }
 
     /// The endpoints new flows to a frontend of this kind may use.

@@ -1,6 +1,6 @@
 //! EndpointSlices: validating them, listing the endpoints of every service port, and
 //! classifying them into the sets of `ServicePortState` (ready, serving and terminating,
-//! local, draining) with kube-proxy's rules.
+//! topology, local, draining) with kube-proxy's rules.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,8 +10,10 @@ use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointPort, E
 
 use super::error::TranslateError;
 use super::fields::{check_ip, parse_protocol, port_in_range, ApiProtocol};
+use super::ignored::{excluded_by_labels, Ignored};
 use super::node::NodeInfo;
 use super::object::{namespace_of, ObjectKind, ObjectRef};
+use super::topology::{topology_of, Hints};
 use crate::model::{Endpoint, Protocol};
 
 /// The label that ties an EndpointSlice to its Service.
@@ -122,6 +124,7 @@ fn validate_slice_ports(slice: &EndpointSlice, object: &ObjectRef) -> Result<(),
     }
     Ok(())
 }
+
 /// One endpoint of a service port as the slices list it, with its conditions.
 #[derive(Clone, Debug)]
 pub(super) struct ListedEndpoint {
@@ -134,6 +137,8 @@ pub(super) struct ListedEndpoint {
     terminating: bool,
     /// `nodeName` is this node (always true without a node name).
     local: bool,
+    /// `hints`: which zones and nodes it is meant for (see `topology`).
+    hints: Hints,
 }
 
 impl ListedEndpoint {
@@ -160,12 +165,20 @@ pub(super) type EndpointsByPort = BTreeMap<(String, Protocol), ListedEndpoints>;
 /// conditions (ready, else serving and terminating) counts, and it is local if any copy
 /// says so (as kube-proxy favours the local copy). Deciding per (address, port) before
 /// classifying keeps one endpoint from being both in `endpoints` and in `draining`.
+/// Slices kube-proxy never sees (labelled for another proxy, or headless) are left out
+/// and reported in `ignored`.
 pub(super) fn endpoints_by_service<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
     node: &NodeInfo,
+    ignored: &mut Vec<Ignored>,
 ) -> BTreeMap<(String, String), EndpointsByPort> {
     let mut out: BTreeMap<(String, String), EndpointsByPort> = BTreeMap::new();
     for slice in slices {
+        let object = ObjectRef::new(ObjectKind::EndpointSlice, &slice.metadata);
+        if let Some(excluded) = excluded_by_labels(&object, &slice.metadata) {
+            ignored.push(excluded);
+            continue;
+        }
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue;
         }
@@ -241,6 +254,7 @@ fn listed_endpoint(
             None => true,
             Some(me) => ep.node_name.as_deref() == Some(me),
         },
+        hints: Hints::of(ep),
     })
 }
 
@@ -267,12 +281,17 @@ fn insert_or_merge(eps: &mut ListedEndpoints, listed: ListedEndpoint) {
 }
 
 /// The endpoint sets of one service port (see `ServicePortState`): cluster set, local
-/// set, draining.
-pub(super) fn classify(listed: &ListedEndpoints) -> (Vec<Endpoint>, Vec<Endpoint>, Vec<Endpoint>) {
-    // kube-proxy's CategorizeEndpoints: the ready endpoints, or, only when there is none,
-    // the serving and terminating ones (so a rolling update of every pod at once does not
-    // turn into refused connections). The same rule among this node's endpoints alone
-    // gives the local set.
+/// set, draining. Ready endpoints that topology hints keep out of the cluster set are
+/// draining: no new flows here, established ones keep going.
+pub(super) fn classify(
+    listed: &ListedEndpoints,
+    node: &NodeInfo,
+) -> (Vec<Endpoint>, Vec<Endpoint>, Vec<Endpoint>) {
+    // kube-proxy's CategorizeEndpoints: the ready endpoints (of the topology subset, for
+    // the cluster set only), or, only when there is none, the serving and terminating
+    // ones (so a rolling update of every pod at once does not turn into refused
+    // connections). The same rule among this node's endpoints alone gives the local set.
+    let topology = topology_of(listed.values().filter(|l| l.ready).map(|l| &l.hints), node);
     let pick = |only_local: bool| -> Vec<Endpoint> {
         let candidates: Vec<&ListedEndpoint> =
             listed.values().filter(|l| !only_local || l.local).collect();
@@ -281,7 +300,7 @@ pub(super) fn classify(listed: &ListedEndpoints) -> (Vec<Endpoint>, Vec<Endpoint
             .into_iter()
             .filter(|l| {
                 if use_ready {
-                    l.ready
+                    l.ready && (only_local || topology.admits(&l.hints))
                 } else {
                     l.serving_terminating()
                 }

@@ -1,9 +1,11 @@
 //! Why an object, or part of one, cannot be used.
 
+use super::ignored::Ignored;
 use super::object::ObjectRef;
 
-/// Why an object (or, for [`TranslateError::UnsupportedProtocol`], one of its ports)
-/// cannot be used. Every variant names the object and the field path.
+/// Why an object (or, for the warnings [`TranslateError::UnsupportedProtocol`] and
+/// [`TranslateError::Ignored`], a part of it) cannot be used. Every variant names the
+/// object and the field path.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TranslateError {
     #[error("{object}: {field}: required field is missing or empty")]
@@ -69,6 +71,11 @@ pub enum TranslateError {
         field: String,
         reason: String,
     },
+    /// A warning, not a rejection: part of a valid object is left out, or all of it is
+    /// (see [`Ignored`] for what and why). Boxed to keep the error small
+    /// (clippy::result_large_err).
+    #[error("{0}")]
+    Ignored(Box<Ignored>),
 }
 
 impl TranslateError {
@@ -85,6 +92,7 @@ impl TranslateError {
             | TranslateError::UnsupportedProtocol { object, .. }
             | TranslateError::UnknownValue { object, .. }
             | TranslateError::Invalid { object, .. } => object,
+            TranslateError::Ignored(ignored) => &ignored.object,
         }
     }
 
@@ -101,11 +109,15 @@ impl TranslateError {
             | TranslateError::UnsupportedProtocol { field, .. }
             | TranslateError::UnknownValue { field, .. }
             | TranslateError::Invalid { field, .. } => field,
+            TranslateError::Ignored(ignored) => &ignored.field,
         }
     }
 
     /// True for problems that only skip part of an object (the object stays valid).
     pub fn is_warning(&self) -> bool {
-        matches!(self, TranslateError::UnsupportedProtocol { .. })
+        matches!(
+            self,
+            TranslateError::UnsupportedProtocol { .. } | TranslateError::Ignored(_)
+        )
     }
 }

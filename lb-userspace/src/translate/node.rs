@@ -1,5 +1,5 @@
-//! The node `translate` runs for: its name (which endpoints are local) and the addresses
-//! NodePorts listen on.
+//! The node `translate` runs for: its name (which endpoints are local), its zone (which
+//! topology hints apply) and the addresses NodePorts listen on.
 
 use std::net::IpAddr;
 
@@ -15,6 +15,9 @@ use crate::model::NodeSettings;
 /// names, not addresses).
 const NODE_ADDRESS_TYPES: [&str; 2] = ["InternalIP", "ExternalIP"];
 
+/// The Node label that names its zone, matched against EndpointSlice `hints.forZones`.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// What `translate` needs to know about the node it runs on, resolved by the source from
 /// the Node objects and [`NodeSettings`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,20 +26,31 @@ pub struct NodeInfo {
     pub name: Option<String>,
     /// The addresses NodePorts listen on, sorted, without duplicates.
     pub addresses: Vec<IpAddr>,
+    /// The `topology.kubernetes.io/zone` label of the Node named `name`. `None` (no
+    /// name, no Node object, no label): zone hints never apply.
+    pub zone: Option<String>,
 }
 
 impl NodeInfo {
     /// Node addresses = the `InternalIP` and `ExternalIP` addresses of the Node named
     /// `settings.name` (of every Node when there is no name) plus
     /// `settings.extra_addresses`. A named node without a Node object has only the extra
-    /// addresses.
+    /// addresses. The zone is the named Node's `topology.kubernetes.io/zone` label.
     pub fn resolve<'a>(settings: &NodeSettings, nodes: impl Iterator<Item = &'a Node>) -> Self {
         let mut addresses: Vec<IpAddr> = settings.extra_addresses.clone();
+        let mut zone = None;
         for node in nodes {
             if let Some(want) = settings.name.as_deref() {
                 if node.metadata.name.as_deref() != Some(want) {
                     continue;
                 }
+                zone = node
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(ZONE_LABEL))
+                    .filter(|z| !z.is_empty())
+                    .cloned();
             }
             addresses.extend(node_addresses(node));
         }
@@ -45,6 +59,7 @@ impl NodeInfo {
         Self {
             name: settings.name.clone(),
             addresses,
+            zone,
         }
     }
 }

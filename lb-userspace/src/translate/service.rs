@@ -10,25 +10,78 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::error::TranslateError;
 use super::fields::{check_ip, parse_protocol, port_in_range, service_type, ApiProtocol};
+use super::ignored::{excluded_by_labels, Ignored, IgnoredReason};
 use super::node::NodeInfo;
 use super::object::{ObjectKind, ObjectRef};
 use super::policy::{affinity_timeout, source_ranges, traffic_policies};
 use crate::model::{Frontend, FrontendKind, Prefix, Protocol};
 
-/// True if the service has no virtual IP to capture (headless or ExternalName).
-pub(super) fn is_ignored(svc: &Service) -> bool {
-    if service_type(svc) == "ExternalName" {
-        return true;
-    }
-    let Some(spec) = svc.spec.as_ref() else {
-        return false;
-    };
+/// True for a headless service (`clusterIP: None`).
+fn is_headless(spec: &ServiceSpec) -> bool {
     let first = spec
         .cluster_ips
         .as_ref()
         .and_then(|ips| ips.first())
         .or(spec.cluster_ip.as_ref());
     first.is_some_and(|ip| ip == "None")
+}
+
+/// The cluster IPs as written: `spec.clusterIPs`, or `spec.clusterIP` when that list is
+/// absent or empty (hand-written manifests often give only the latter). Empty strings
+/// are no address.
+fn cluster_ip_texts(spec: &ServiceSpec) -> Vec<&str> {
+    let listed: Vec<&str> = match spec.cluster_ips.as_ref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.iter().map(String::as_str).collect(),
+    };
+    listed.into_iter().filter(|ip| !ip.is_empty()).collect()
+}
+
+/// Why a whole Service is not translated, or `None` when it is. kube-proxy's rules: its
+/// informers' label selector (`!service.kubernetes.io/service-proxy-name`,
+/// `!service.kubernetes.io/headless`; cmd/kube-proxy/app/server.go, `Run`), then
+/// `ShouldSkipService` (pkg/proxy/util/utils.go: no clusterIP, `None`, ExternalName).
+/// One difference: a Service that lists `clusterIPs` without `clusterIP` is translated
+/// (the API server always fills both; a hand-written manifest may give only the list).
+pub(super) fn skipped(svc: &Service) -> Option<Ignored> {
+    let object = ObjectRef::new(ObjectKind::Service, &svc.metadata);
+    if let Some(ignored) = excluded_by_labels(&object, &svc.metadata) {
+        return Some(ignored);
+    }
+    let ignored = |field: &str, value: &str, reason, detail: &str| Ignored {
+        object: object.clone(),
+        field: field.to_owned(),
+        value: value.to_owned(),
+        reason,
+        detail: detail.to_owned(),
+    };
+    if service_type(svc) == "ExternalName" {
+        return Some(ignored(
+            "spec.type",
+            "ExternalName",
+            IgnoredReason::ExternalName,
+            "a DNS alias has no virtual IP to capture",
+        ));
+    }
+    let spec = svc.spec.as_ref();
+    if spec.is_some_and(is_headless) {
+        return Some(ignored(
+            "spec.clusterIP",
+            "None",
+            IgnoredReason::Headless,
+            "a headless Service has no virtual IP to capture",
+        ));
+    }
+    if spec.is_none_or(|spec| cluster_ip_texts(spec).is_empty()) {
+        return Some(ignored(
+            "spec.clusterIP",
+            "",
+            IgnoredReason::NoClusterIp,
+            "no clusterIP (a manifest written before the API server allocated one?): the \
+             Service is not programmed, as kube-proxy; give spec.clusterIP an address",
+        ));
+    }
+    None
 }
 
 /// Checks everything `translate` relies on in a Service. Headless and ExternalName
@@ -60,7 +113,7 @@ pub fn validate_service(svc: &Service) -> Result<(), TranslateError> {
         // Nothing else of an ExternalName service is used.
         return Ok(());
     }
-    validate_cluster_ips(spec, &object, is_ignored(svc))?;
+    validate_cluster_ips(spec, &object, is_headless(spec))?;
     validate_external_addresses(svc, spec, &object)?;
     validate_ports(spec.ports.as_deref().unwrap_or_default(), &object)?;
     if let Some(n) = spec.health_check_node_port {
@@ -250,15 +303,21 @@ fn validate_port_fields(
     }
 }
 
-/// Problems that skip part of a valid service (today: SCTP ports). Log them; they do not
-/// keep the service from being used.
+/// Problems that skip part of a valid service, or all of it, and that the user should
+/// hear about: SCTP ports, addresses of a family the Service does not have, no
+/// clusterIP. Log them; they do not make the service invalid. Services skipped on
+/// purpose (another proxy's, headless, ExternalName) give no warning: they are listed by
+/// [`translate_with_ignored`](super::translate_with_ignored) only.
 pub fn service_warnings(svc: &Service) -> Vec<TranslateError> {
-    if is_ignored(svc) {
-        return Vec::new();
+    if let Some(skip) = skipped(svc) {
+        return match skip.reason {
+            IgnoredReason::NoClusterIp => vec![TranslateError::Ignored(Box::new(skip))],
+            _ => Vec::new(),
+        };
     }
     let object = ObjectRef::new(ObjectKind::Service, &svc.metadata);
     let ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref());
-    ports
+    let mut warnings: Vec<TranslateError> = ports
         .unwrap_or_default()
         .iter()
         .enumerate()
@@ -268,13 +327,41 @@ pub fn service_warnings(svc: &Service) -> Vec<TranslateError> {
             field: format!("spec.ports[{i}].protocol"),
             protocol: "SCTP".into(),
         })
+        .collect();
+    let (_, wrong_family) = frontend_addrs(svc, &object);
+    warnings.extend(
+        wrong_family
+            .into_iter()
+            .map(|ignored| TranslateError::Ignored(Box::new(ignored))),
+    );
+    warnings
+}
+
+/// The SCTP ports of a service as [`Ignored`] items (the report's form of the
+/// `UnsupportedProtocol` warnings).
+fn unsupported_ports(svc: &Service, object: &ObjectRef) -> Vec<Ignored> {
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref());
+    ports
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| parse_protocol(p.protocol.as_deref()) == Some(ApiProtocol::Sctp))
+        .map(|(i, p)| Ignored {
+            object: object.clone(),
+            field: format!("spec.ports[{i}].protocol"),
+            value: "SCTP".into(),
+            reason: IgnoredReason::UnsupportedProtocol,
+            detail: format!("port {} is not programmed (TCP and UDP only)", p.port),
+        })
         .collect()
 }
 
-/// The IP families NodePorts of this service listen on: `spec.ipFamilies`, else the
-/// families of its clusterIPs, else (a hand-written manifest without either) both.
-/// Returned as (IPv4, IPv6).
-fn node_port_families(svc: &Service) -> (bool, bool) {
+/// The IP families of a service: `spec.ipFamilies`, else the families of its
+/// clusterIPs, else (a hand-written manifest without either) both. Returned as (IPv4,
+/// IPv6). kube-proxy runs one proxier per family and each programs only the addresses of
+/// its own family (pkg/proxy/serviceport.go, `newBaseServiceInfo`): externalIPs, load
+/// balancer IPs and NodePorts of another family are left out.
+fn service_families(svc: &Service) -> (bool, bool) {
     let Some(spec) = svc.spec.as_ref() else {
         return (true, true);
     };
@@ -284,14 +371,10 @@ fn node_port_families(svc: &Service) -> (bool, bool) {
             fams.iter().any(|f| f == "IPv6"),
         );
     }
-    let cluster: Vec<IpAddr> = match spec.cluster_ips.as_ref() {
-        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
-        _ => spec
-            .cluster_ip
-            .iter()
-            .filter_map(|ip| ip.parse().ok())
-            .collect(),
-    };
+    let cluster: Vec<IpAddr> = cluster_ip_texts(spec)
+        .into_iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
     if cluster.is_empty() {
         return (true, true);
     }
@@ -301,48 +384,112 @@ fn node_port_families(svc: &Service) -> (bool, bool) {
     )
 }
 
-/// Frontend addresses of a (non-ignored) service, with their kinds.
-fn frontend_addrs(svc: &Service) -> Vec<(IpAddr, FrontendKind)> {
+/// The name of an IP family as `spec.ipFamilies` spells it.
+fn family_name(is_v4: bool) -> &'static str {
+    if is_v4 {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+/// Frontend addresses of a (not skipped) service, with their kinds, and the externalIPs
+/// and load balancer ingress IPs left out because the service does not have their family.
+fn frontend_addrs(
+    svc: &Service,
+    object: &ObjectRef,
+) -> (Vec<(IpAddr, FrontendKind)>, Vec<Ignored>) {
     let mut out = Vec::new();
+    let mut ignored = Vec::new();
     let Some(spec) = svc.spec.as_ref() else {
-        return out;
-    };
-    let cluster: Vec<&String> = match spec.cluster_ips.as_ref() {
-        Some(ips) if !ips.is_empty() => ips.iter().collect(),
-        _ => spec.cluster_ip.iter().collect(),
+        return (out, ignored);
     };
     out.extend(
-        cluster
+        cluster_ip_texts(spec)
             .into_iter()
             .filter_map(|ip| ip.parse().ok())
             .map(|a| (a, FrontendKind::ClusterIp)),
     );
+    // (field path, address, kind) of every other address, before the family filter.
+    let mut others: Vec<(String, IpAddr, FrontendKind)> = Vec::new();
     if service_type(svc) == "LoadBalancer" {
         let ingress = svc
             .status
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref());
-        out.extend(
-            ingress
-                .into_iter()
-                .flatten()
-                .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
-                .filter_map(|ing| ing.ip.as_deref()?.parse().ok())
-                .map(|a| (a, FrontendKind::LoadBalancer)),
-        );
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(addr) = ing.ip.as_deref().and_then(|ip| ip.parse().ok()) {
+                let field = format!("status.loadBalancer.ingress[{i}].ip");
+                others.push((field, addr, FrontendKind::LoadBalancer));
+            }
+        }
     }
-    out.extend(
-        spec.external_ips
-            .iter()
-            .flatten()
-            .filter_map(|ip| ip.parse().ok())
-            .map(|a| (a, FrontendKind::ExternalIp)),
-    );
-    out
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        if let Ok(addr) = ip.parse() {
+            let field = format!("spec.externalIPs[{i}]");
+            others.push((field, addr, FrontendKind::ExternalIp));
+        }
+    }
+    let (has_v4, has_v6) = service_families(svc);
+    for (field, addr, kind) in others {
+        let is_v4 = addr.is_ipv4();
+        if (is_v4 && has_v4) || (!is_v4 && has_v6) {
+            out.push((addr, kind));
+            continue;
+        }
+        ignored.push(Ignored {
+            object: object.clone(),
+            field,
+            value: addr.to_string(),
+            reason: IgnoredReason::WrongFamily,
+            detail: format!(
+                "the Service has no {} family (spec.ipFamilies), so no frontend is made \
+                 for it, as kube-proxy",
+                family_name(is_v4)
+            ),
+        });
+    }
+    (out, ignored)
 }
 
-/// What every port of one (non-ignored) Service shares when it is translated.
+/// Whether some TCP or UDP port of the service names a `nodePort`.
+fn names_node_ports(svc: &Service) -> bool {
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref());
+    ports.unwrap_or_default().iter().any(|p| {
+        p.node_port.is_some_and(|n| n != 0)
+            && matches!(
+                parse_protocol(p.protocol.as_deref()),
+                Some(ApiProtocol::Supported(_))
+            )
+    })
+}
+
+/// The report that a NodePort or LoadBalancer service gets no NodePort frontend because
+/// no address of this node (of the service's families) is known.
+fn no_node_address(object: &ObjectRef, families: (bool, bool)) -> Ignored {
+    let wanted = match families {
+        (true, true) => "IPv4 or IPv6",
+        (true, false) => "IPv4",
+        _ => "IPv6",
+    };
+    Ignored {
+        object: object.clone(),
+        field: "spec.ports[].nodePort".into(),
+        value: String::new(),
+        reason: IgnoredReason::NoNodeAddress,
+        detail: format!(
+            "NodePorts not programmed: no {wanted} address of this node is known; start \
+             the agent with --node-name naming a Node in the input (its InternalIP and \
+             ExternalIP addresses are used), or give --nodeport-address"
+        ),
+    }
+}
+
+/// What every port of one (not skipped) Service shares when it is translated.
 pub(super) struct ServiceWide {
     /// ClusterIPs, load balancer ingress IPs and externalIPs, with their kinds.
     addrs: Vec<(IpAddr, FrontendKind)>,
@@ -355,6 +502,8 @@ pub(super) struct ServiceWide {
     pub(super) affinity_timeout_s: Option<u32>,
     pub(super) source_ranges: Vec<Prefix>,
     pub(super) health_check_node_port: Option<u16>,
+    /// What of the service is left out (ports, addresses, NodePorts), for the report.
+    pub(super) ignored: Vec<Ignored>,
 }
 
 impl ServiceWide {
@@ -374,22 +523,29 @@ impl ServiceWide {
         } else {
             None
         };
-        let (want_v4, want_v6) = node_port_families(svc);
-        let node_addrs = node
+        let families = service_families(svc);
+        let node_addrs: Vec<IpAddr> = node
             .addresses
             .iter()
             .copied()
-            .filter(|a| if a.is_ipv4() { want_v4 } else { want_v6 })
+            .filter(|a| if a.is_ipv4() { families.0 } else { families.1 })
             .collect();
+        let has_node_ports = matches!(service_type(svc), "NodePort" | "LoadBalancer");
+        let (addrs, mut ignored) = frontend_addrs(svc, &object);
+        ignored.extend(unsupported_ports(svc, &object));
+        if has_node_ports && node_addrs.is_empty() && names_node_ports(svc) {
+            ignored.push(no_node_address(&object, families));
+        }
         Self {
-            addrs: frontend_addrs(svc),
+            addrs,
             node_addrs,
-            has_node_ports: matches!(service_type(svc), "NodePort" | "LoadBalancer"),
+            has_node_ports,
             external_local,
             internal_local,
             affinity_timeout_s,
             source_ranges,
             health_check_node_port,
+            ignored,
         }
     }
 

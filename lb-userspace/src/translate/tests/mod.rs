@@ -2,10 +2,13 @@
 //! helpers they share.
 
 mod conflicts;
+mod corpus;
 mod endpoints;
+mod ignored;
 mod node;
 mod policy;
 mod service;
+mod topology;
 mod validation;
 
 use std::net::IpAddr;
@@ -71,6 +74,7 @@ pub(super) fn node(name: Option<&str>, addresses: &[&str]) -> NodeInfo {
             .iter()
             .map(|a| a.parse().expect("test address"))
             .collect(),
+        zone: None,
     }
 }
 

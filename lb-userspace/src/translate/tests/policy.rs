@@ -174,3 +174,67 @@ fn prefixes_parse_like_go_parse_cidr() {
         assert_eq!(p(bad), None, "{bad:?}");
     }
 }
+
+#[test]
+fn source_ranges_restrict_only_the_load_balancer_ips_of_their_own_family() {
+    // kube-proxy runs one proxier per family, and each keeps only its family's ranges
+    // (newBaseServiceInfo: MapCIDRsByIPFamily): a family with no range of its own is not
+    // filtered at all, even when the other family's are.
+    let dual = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: edge}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 198.18.100.70
+  clusterIPs: [198.18.100.70, "2001:db8::70"]
+  loadBalancerSourceRanges: [198.18.50.0/24]
+  ports: [{name: https, port: 443, targetPort: 8443}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.18.200.70}, {ip: "2001:db8:200::70"}]
+"#;
+    let state = run(&[svc(dual)], &[]);
+    let st = &state.services[&id("edge", "dual", "https", Protocol::Tcp)];
+    let shown = |ranges: Vec<crate::model::Prefix>| -> Vec<String> {
+        ranges.iter().map(|p| p.to_string()).collect()
+    };
+    let lb4 = fe(
+        "198.18.200.70",
+        443,
+        Protocol::Tcp,
+        FrontendKind::LoadBalancer,
+    );
+    let lb6 = fe(
+        "2001:db8:200::70",
+        443,
+        Protocol::Tcp,
+        FrontendKind::LoadBalancer,
+    );
+    let cip4 = fe("198.18.100.70", 443, Protocol::Tcp, FrontendKind::ClusterIp);
+    assert!(st.frontends.contains(&lb4) && st.frontends.contains(&lb6));
+    assert!(st.restricts_source(&lb4));
+    assert_eq!(shown(st.source_ranges_for(&lb4)), vec!["198.18.50.0/24"]);
+    // Before: every IPv6 client of the load balancer was dropped.
+    assert!(!st.restricts_source(&lb6));
+    assert!(st.source_ranges_for(&lb6).is_empty());
+    assert!(!st.restricts_source(&cip4));
+
+    // Ranges of both families: each family's frontends get their own.
+    let both = dual.replace(
+        "loadBalancerSourceRanges: [198.18.50.0/24]",
+        "loadBalancerSourceRanges: [198.18.50.0/24, \"2001:db8:50::/48\"]",
+    );
+    let state = run(&[svc(&both)], &[]);
+    let st = &state.services[&id("edge", "dual", "https", Protocol::Tcp)];
+    assert_eq!(shown(st.source_ranges_for(&lb4)), vec!["198.18.50.0/24"]);
+    assert_eq!(shown(st.source_ranges_for(&lb6)), vec!["2001:db8:50::/48"]);
+    assert!(st.restricts_source(&lb6));
+    // The state keeps both families' ranges (the data path holds them per service port).
+    assert_eq!(
+        shown(st.source_ranges.clone()),
+        vec!["198.18.50.0/24", "2001:db8:50::/48"]
+    );
+}
