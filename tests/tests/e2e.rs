@@ -567,6 +567,7 @@ fn malformed_frames_are_dropped_and_counted() -> Result<()> {
             "web6",
             vec![PortSpec::new("http", 80, POD_HTTP_PORT, "TCP")],
         );
+        w6.cluster_ips = vec![CLUSTER_IP6.into()];
         w6.lb_ips = vec![LB_IP6.into()];
         w6.endpoints = t
             .pods
@@ -791,6 +792,7 @@ fn pod_added_after_start_is_attached_and_reachable() -> Result<()> {
         vec![PortSpec::new("http", 80, POD_HTTP_PORT, "TCP")],
     );
     let vip = Ipv4Addr::new(198, 19, 1, 40);
+    late.cluster_ips = vec![Ipv4Addr::new(198, 19, 0, 40).into()];
     late.lb_ips = vec![vip.into()];
     late.endpoints = vec![EndpointSpec::ready(pod.v4, &pod.name)];
     lab.update(&[web_all(&lab.topo)?, late])?;

@@ -95,7 +95,7 @@ fn frontend_flags(st: &ServicePortState, f: &Frontend, local_any: bool, cluster_
     if st.affinity_timeout_s.is_some() {
         flags |= SVC_F_AFFINITY;
     }
-    if f.kind == FrontendKind::LoadBalancer && !st.source_ranges.is_empty() {
+    if st.restricts_source(f) {
         flags |= SVC_F_SOURCE_RANGES;
     }
     flags

@@ -334,7 +334,7 @@ fn assert_frontend_holds(
         .unwrap_or_else(|| panic!("{sid}: {f:?} missing"));
     assert_eq!(m.svc_meta[&v.svc_id].as_str(), sid.to_string());
     let (mut flags, local) = expected_flags(st, f, fam);
-    if f.kind == FrontendKind::LoadBalancer && !st.source_ranges.is_empty() {
+    if st.restricts_source(f) {
         flags |= SVC_F_SOURCE_RANGES;
         for p in &st.source_ranges {
             expected.src_ranges.insert(SrcRange::new(v.svc_id, p));

@@ -72,6 +72,50 @@ fn source_ranges_go_in_before_the_flag_and_out_after_it() {
     assert!(fe_del < del && del < name, "{:?}", &m.writes[n..]);
 }
 
+/// kube-proxy gives each family's proxier only that family's ranges, and a family with
+/// none is not filtered: an IPv4-only list must not shut IPv6 clients out.
+#[test]
+fn source_ranges_restrict_only_the_load_balancer_ips_of_their_own_family() {
+    const SHOP_LB6: &str = "2001:db8:200::1";
+    let one = ["198.18.1.1", "2001:db8:1::1"];
+    let dual = |ranges: &[&str]| {
+        let mut st = ranged(&one, ranges);
+        st.frontends.push(frontend(
+            SHOP_LB6,
+            80,
+            Protocol::Tcp,
+            FrontendKind::LoadBalancer,
+        ));
+        st.frontends.sort();
+        st
+    };
+    let mut r = new();
+    apply_ok(
+        &mut r,
+        &desired_ports(vec![(shop_id(), dual(&["198.18.50.0/24"]))]),
+    );
+    let m = r.writer();
+    let flags = |addr: &str| m.services[&tcp_key(addr, 80)].flags & SVC_F_SOURCE_RANGES;
+    assert_eq!(flags(SHOP_LB), SVC_F_SOURCE_RANGES);
+    assert_eq!(
+        flags(SHOP_LB6),
+        0,
+        "IPv6 has no range of its own: not filtered"
+    );
+
+    apply_ok(
+        &mut r,
+        &desired_ports(vec![(
+            shop_id(),
+            dual(&["198.18.50.0/24", "2001:db8:50::/48"]),
+        )]),
+    );
+    let m = r.writer();
+    let flags = |addr: &str| m.services[&tcp_key(addr, 80)].flags & SVC_F_SOURCE_RANGES;
+    assert_eq!(flags(SHOP_LB), SVC_F_SOURCE_RANGES);
+    assert_eq!(flags(SHOP_LB6), SVC_F_SOURCE_RANGES);
+}
+
 #[test]
 fn prefixes_of_an_unnamed_svc_id_are_removed() {
     let stray = SrcRange::new(
