@@ -175,8 +175,7 @@ pub fn iface_flags(ifindex: u32) -> u32 {
     IFACES
         .get_ptr(ifindex)
         // SAFETY: a value pointer of IFACES (module docs), read at once.
-        .map(|i| unsafe { (*i).flags })
-        .unwrap_or(0)
+        .map_or(0, |i| unsafe { (*i).flags })
 }
 
 // Flows: CT and RNAT, written by the programs.
