@@ -1,7 +1,10 @@
 use anyhow::{anyhow, Context as _};
 
 /// Compiles lb-ebpf for the BPF target (nightly + bpf-linker, installed by
-/// `cargo xtask setup`) and leaves the object in OUT_DIR for `include_bytes_aligned!`.
+/// `cargo xtask setup`) and leaves its objects in OUT_DIR for `include_bytes_aligned!`.
+/// aya-build builds every binary of the package (`--bins`) and copies each to
+/// `OUT_DIR/<binary name>`: `lb-ebpf` (the production object, `EBPF_OBJ`) and `lb-bench`
+/// (the benchmark's programs, `BENCH_OBJ`).
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
     let root = std::path::Path::new(&manifest_dir)

@@ -1,23 +1,21 @@
-//! Flow tracking: reply lookup (RNAT), backend choice (CT, Maglev) and entry creation.
+//! Flow tracking: reply lookup (RNAT), the CT state of a forward packet, and the entries
+//! of a flow being scheduled to a backend (chosen by `select`).
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CT, MAGLEV, NAT_SCRATCH, RNAT, SCRATCH},
-    parse::{be32, zero_pad},
+    maps::{self, NatTable},
+    parse::zero_pad,
+    select::{self, Affinity},
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    is_v4_mapped, AffinityKey, AffinityValue, Backend, FlowKey, NatEntry, ServiceValue,
-    BACKEND_F_ACTIVE, NAT_F_SHARED_REPLY, NAT_F_SNAT, NAT_F_STACK, PROTO_UDP, R_DROP_FAMILY,
-    R_DROP_NO_BACKEND, R_PASS_CT_FULL, SVC_F_AFFINITY, SVC_F_LOCAL,
+    is_v4_mapped, Backend, FlowKey, NatEntry, ServiceValue, NAT_F_SHARED_REPLY, NAT_F_SNAT,
+    NAT_F_STACK, PROTO_UDP, R_DROP_FAMILY, R_DROP_NO_BACKEND, R_PASS_CT_FULL,
 };
-
-/// Create or replace: a rescheduled flow overwrites its old entries.
-const BPF_ANY: u64 = 0;
 
 /// The reverse-NAT entry of a backend's reply, if this packet is one.
 #[inline(always)]
 pub fn reply(key: &FlowKey) -> Option<&'static NatEntry> {
-    RNAT.get_ptr(key).map(|v| unsafe { &*v })
+    NatTable::Rnat.get(key)
 }
 
 /// Marks the entry of the packet in SCRATCH `NAT_F_STACK` (see `forward::forward`): in
@@ -25,23 +23,11 @@ pub fn reply(key: &FlowKey) -> Option<&'static NatEntry> {
 /// lookups it saves; an entry evicted meanwhile is simply not marked.
 #[inline(always)]
 pub fn remember_stack(reply: bool) {
-    let Some(p) = SCRATCH.get_ptr(0) else {
+    let Some(p) = maps::packet_scratch() else {
         return;
     };
-    let key = unsafe { &(*p).key };
-    let map = if reply { &RNAT } else { &CT };
-    if let Some(e) = map.get_ptr_mut(key) {
-        unsafe { (*e).flags |= NAT_F_STACK };
-    }
-}
-
-#[inline(always)]
-fn backend(id: u32) -> Option<&'static Backend> {
-    let b = unsafe { &*BACKENDS.get_ptr(id)? };
-    if b.flags & BACKEND_F_ACTIVE == 0 {
-        return None;
-    }
-    Some(b)
+    let table = if reply { NatTable::Rnat } else { NatTable::Ct };
+    table.add_flags(&p.key, NAT_F_STACK);
 }
 
 /// What CT knows about a forward packet's flow.
@@ -68,11 +54,10 @@ impl Tracked {
 /// Looks up a forward packet's flow in CT and checks its backend against BACKENDS.
 #[inline(always)]
 pub fn tracked(key: &FlowKey) -> Tracked {
-    let Some(e) = CT.get_ptr(key) else {
+    let Some(e) = NatTable::Ct.get(key) else {
         return Tracked::Untracked;
     };
-    let e = unsafe { &*e };
-    match backend(e.backend_id) {
+    match maps::active_backend(e.backend_id) {
         Some(b) if b.addr == e.new_dst && b.port_be == e.new_dport_be => Tracked::Live(e),
         _ => Tracked::Stale(e),
     }
@@ -95,6 +80,22 @@ fn opposite_key(e: &NatEntry, proto: u8) -> FlowKey {
     k
 }
 
+/// The RNAT entry that turns the replies of forward entry `fwd`, whose packets arrive as
+/// `key`, back into what the client sent to: the same flow, seen from the backend.
+#[inline(always)]
+fn reply_entry(key: &FlowKey, fwd: &NatEntry) -> NatEntry {
+    NatEntry {
+        new_src: key.dst,
+        new_dst: key.src,
+        new_sport_be: key.dport_be,
+        new_dport_be: key.sport_be,
+        backend_id: fwd.backend_id,
+        svc_id: fwd.svc_id,
+        flags: fwd.flags,
+        created_ns: fwd.created_ns,
+    }
+}
+
 /// Makes sure the reply entry of a tracked flow is the one this flow needs.
 ///
 /// xdplb does not SNAT, so two flows from the same client address and port to two
@@ -109,8 +110,7 @@ fn opposite_key(e: &NatEntry, proto: u8) -> FlowKey {
 #[inline(never)]
 pub fn ensure_reply(key: &FlowKey, e: &NatEntry) {
     let rkey = opposite_key(e, key.proto);
-    if let Some(r) = RNAT.get_ptr(&rkey) {
-        let r = unsafe { &*r };
+    if let Some(r) = NatTable::Rnat.get(&rkey) {
         if r.new_src == key.dst
             && r.new_sport_be == key.dport_be
             && r.new_dst == key.src
@@ -119,104 +119,13 @@ pub fn ensure_reply(key: &FlowKey, e: &NatEntry) {
             return;
         }
     }
-    let rev = NatEntry {
-        new_src: key.dst,
-        new_dst: key.src,
-        new_sport_be: key.dport_be,
-        new_dport_be: key.sport_be,
-        backend_id: e.backend_id,
-        svc_id: e.svc_id,
-        flags: e.flags,
-        created_ns: e.created_ns,
-    };
     // Full of pinned entries: the replies keep the other frontend's address, as before.
-    let _ = RNAT.insert(rkey, rev, BPF_ANY);
+    let _ = NatTable::Rnat.insert(&rkey, &reply_entry(key, e));
 }
 
-#[inline(always)]
-fn fmix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
-}
-
-#[inline(always)]
-fn mix(h: u32, w: u32) -> u32 {
-    let k = w
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
-}
-
-#[inline(always)]
-fn word(a: &[u8; 16], i: usize) -> u32 {
-    be32([a[i], a[i + 1], a[i + 2], a[i + 3]])
-}
-
-/// MurmurHash3 (x86, 32-bit) over the 5-tuple with a fixed seed: the same flow gets the same
-/// slot on every CPU and after every restart.
-#[inline(always)]
-pub fn flow_hash(k: &FlowKey) -> u32 {
-    let mut h = 0x5eed_1b00u32;
-    h = mix(h, word(&k.src, 0));
-    h = mix(h, word(&k.src, 4));
-    h = mix(h, word(&k.src, 8));
-    h = mix(h, word(&k.src, 12));
-    h = mix(h, word(&k.dst, 0));
-    h = mix(h, word(&k.dst, 4));
-    h = mix(h, word(&k.dst, 8));
-    h = mix(h, word(&k.dst, 12));
-    let ports = ((u16::from_be(k.sport_be) as u32) << 16) | u16::from_be(k.dport_be) as u32;
-    h = mix(h, ports);
-    h = mix(h, k.proto as u32);
-    fmix(h ^ 37)
-}
-
-/// The backend of a fresh affinity entry, if that backend is still active and of the
-/// frontend's family; `None` sends the flow through Maglev.
-#[inline(always)]
-fn affine(a: &AffinityValue, svc: &ServiceValue, v6: bool, now: u64) -> Option<(u32, Backend)> {
-    // An entry stamped after `now` was written by another CPU a moment ago: age 0.
-    let age = now.saturating_sub(a.last_ns);
-    if age >= svc.affinity_timeout_s as u64 * 1_000_000_000 {
-        return None;
-    }
-    let id = a.backend_id;
-    let b = backend(id)?;
-    if is_v4_mapped(&b.addr) == v6 {
-        return None;
-    }
-    Some((id, *b))
-}
-
-/// The backend in the flow's Maglev slot.
-#[inline(always)]
-fn maglev(key: &FlowKey, svc: &ServiceValue) -> Result<(u32, Backend), u32> {
-    // The caller checked this; repeated so the modulo below has no division-by-zero panic
-    // path, whose trailing call the verifier rejected ("last insn is not an exit or jmp").
-    if svc.maglev_size == 0 {
-        return Err(R_DROP_NO_BACKEND);
-    }
-    let slot = flow_hash(key) % svc.maglev_size;
-    let id = unsafe {
-        *MAGLEV
-            .get_ptr(svc.maglev_offset.wrapping_add(slot))
-            .ok_or(R_DROP_NO_BACKEND)?
-    };
-    let b = *backend(id).ok_or(R_DROP_NO_BACKEND)?;
-    Ok((id, b))
-}
-
-/// Picks a backend (the client's affinity backend, else the service's Maglev table) and
-/// records the flow in both directions, returning the forward entry. `stale` is the
-/// flow's CT entry if it had one (`Tracked::Stale`). `Err` carries the reason when the
+/// Picks a backend (`select`: the client's affinity backend, else the service's Maglev
+/// table) and records the flow in both directions, returning the forward entry. `stale` is
+/// the flow's CT entry if it had one (`Tracked::Stale`). `Err` carries the reason when the
 /// packet cannot be NATed.
 // Not inlined: its temporaries get their own stack frame; inlined into the entry point the
 // program exceeded LLVM's 512-byte BPF stack limit.
@@ -227,25 +136,63 @@ pub fn schedule(
     v6: bool,
     stale: Option<&NatEntry>,
 ) -> Result<&'static NatEntry, u32> {
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let affinity = svc.flags & SVC_F_AFFINITY != 0;
-    let akey = AffinityKey {
-        client: key.src,
-        svc_id: svc.svc_id,
-        scope: (svc.flags & SVC_F_LOCAL != 0) as u32,
-    };
-    let aff = if affinity {
-        AFFINITY.get_ptr_mut(&akey)
-    } else {
-        None
-    };
-    let (id, b) = match aff.and_then(|a| affine(unsafe { &*a }, svc, v6, now)) {
-        Some(hit) => hit,
-        None => maglev(key, svc)?,
-    };
+    let affinity = Affinity::lookup(svc, key.src);
+    let (id, b) = select::choose(svc, affinity.as_ref(), !v6, now, |size| {
+        select::flow_hash(key) % size
+    })
+    .ok_or(R_DROP_NO_BACKEND)?;
     if is_v4_mapped(&b.addr) == v6 {
         return Err(R_DROP_FAMILY);
     }
+    let fwd = forward_entry(key, svc, id, &b, now)?;
+    // The tuple of the backend's replies: `opposite_key(fwd)`, built from the values at
+    // hand rather than read back from the slot.
+    // `_pad` is set by zero_pad: a `[0; 3]` literal here became a call to `memset`.
+    let mut rkey = FlowKey {
+        src: b.addr,
+        dst: fwd.new_src,
+        sport_be: b.port_be,
+        dport_be: key.sport_be,
+        proto: key.proto,
+        _pad: [1; 3],
+    };
+    zero_pad(&mut rkey._pad);
+    // Built before `mark_shared_reply`: the reply entry carries only the hairpin flag.
+    let rev = reply_entry(key, fwd);
+    // A rescheduled flow leaves the reply entry of its old backend behind.
+    if let Some(old) = stale {
+        NatTable::Rnat.remove(&opposite_key(old, key.proto));
+    }
+    if key.proto == PROTO_UDP {
+        mark_shared_reply(key, &rkey, fwd);
+    }
+    // Reply entry first: a forward entry without its reply would NAT one way only.
+    NatTable::Rnat
+        .insert(&rkey, &rev)
+        .map_err(|_| R_PASS_CT_FULL)?;
+    if NatTable::Ct.insert(key, fwd).is_err() {
+        NatTable::Rnat.remove(&rkey);
+        return Err(R_PASS_CT_FULL);
+    }
+    if let Some(affinity) = affinity {
+        affinity.remember(id, now);
+    }
+    Ok(fwd)
+}
+
+/// Builds the forward entry of a flow of `key` to backend `id` (`b`) in the per-CPU
+/// NAT_SCRATCH slot, which the caller then NATs from: returning the entry as stored in CT
+/// took one more CT lookup per new flow.
+#[inline(always)]
+fn forward_entry(
+    key: &FlowKey,
+    svc: &ServiceValue,
+    id: u32,
+    b: &Backend,
+    now: u64,
+) -> Result<&'static mut NatEntry, u32> {
     // Hairpin: a pod scheduled to itself would receive its own address as source and drop
     // it as a martian, so the source becomes the VIP.
     let hairpin = b.addr == key.src;
@@ -254,9 +201,7 @@ pub fn schedule(
     } else {
         (key.src, 0)
     };
-    // Built in a per-CPU slot that the caller then NATs from: returning the entry as
-    // stored in CT took one more CT lookup per new flow.
-    let fwd = unsafe { &mut *NAT_SCRATCH.get_ptr_mut(0).ok_or(R_PASS_CT_FULL)? };
+    let fwd = maps::nat_scratch().ok_or(R_PASS_CT_FULL)?;
     *fwd = NatEntry {
         new_src,
         new_dst: b.addr,
@@ -267,70 +212,20 @@ pub fn schedule(
         flags,
         created_ns: now,
     };
-    // `_pad` is set by zero_pad: a `[0; 3]` literal here became a call to `memset`.
-    let mut rkey = FlowKey {
-        src: b.addr,
-        dst: new_src,
-        sport_be: b.port_be,
-        dport_be: key.sport_be,
-        proto: key.proto,
-        _pad: [1; 3],
-    };
-    zero_pad(&mut rkey._pad);
-    let rev = NatEntry {
-        new_src: key.dst,
-        new_dst: key.src,
-        new_sport_be: key.dport_be,
-        new_dport_be: key.sport_be,
-        backend_id: id,
-        svc_id: svc.svc_id,
-        flags,
-        created_ns: now,
-    };
-    // A rescheduled flow leaves the reply entry of its old backend behind.
-    if let Some(old) = stale {
-        let _ = RNAT.remove(&opposite_key(old, key.proto));
-    }
-    // UDP flows sharing a reply tuple (see `ensure_reply`): both are marked, the other
-    // one through the entry being replaced, which names its client and frontend. TCP needs
-    // no mark: a reused client port starts with a SYN.
-    if key.proto == PROTO_UDP {
-        if let Some(old) = RNAT.get_ptr(&rkey) {
-            let old = unsafe { &*old };
-            if old.new_src != key.dst || old.new_sport_be != key.dport_be {
-                if let Some(c) = CT.get_ptr_mut(&opposite_key(old, key.proto)) {
-                    unsafe { (*c).flags |= NAT_F_SHARED_REPLY };
-                }
-                fwd.flags |= NAT_F_SHARED_REPLY;
-            }
-        }
-    }
-    // Reply entry first: a forward entry without its reply would NAT one way only.
-    RNAT.insert(rkey, rev, BPF_ANY)
-        .map_err(|_| R_PASS_CT_FULL)?;
-    if CT.insert(key, &*fwd, BPF_ANY).is_err() {
-        let _ = RNAT.remove(rkey);
-        return Err(R_PASS_CT_FULL);
-    }
-    if affinity {
-        // Every new flow refreshes the client's entry, hit or not. An existing entry is
-        // updated in place: cheaper than an LRU insert, which allocates and relinks.
-        match aff {
-            Some(a) => unsafe {
-                (*a).backend_id = id;
-                (*a).last_ns = now;
-            },
-            None => {
-                let val = AffinityValue {
-                    backend_id: id,
-                    _pad: 0,
-                    last_ns: now,
-                };
-                // Full of pinned entries: the flow is NATed all the same, it only has no
-                // affinity for the next one.
-                let _ = AFFINITY.insert(&akey, &val, BPF_ANY);
-            }
-        }
-    }
     Ok(fwd)
+}
+
+/// UDP flows sharing a reply tuple (see `ensure_reply`): if this flow's reply entry
+/// (`rkey`) is about to replace another flow's, both are marked `NAT_F_SHARED_REPLY`, the
+/// other one through the entry being replaced, which names its client and frontend. TCP
+/// needs no mark: a reused client port starts with a SYN.
+#[inline(always)]
+fn mark_shared_reply(key: &FlowKey, rkey: &FlowKey, fwd: &mut NatEntry) {
+    let Some(old) = NatTable::Rnat.get(rkey) else {
+        return;
+    };
+    if old.new_src != key.dst || old.new_sport_be != key.dport_be {
+        NatTable::Ct.add_flags(&opposite_key(old, key.proto), NAT_F_SHARED_REPLY);
+        fwd.flags |= NAT_F_SHARED_REPLY;
+    }
 }

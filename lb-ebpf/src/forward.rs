@@ -1,8 +1,36 @@
 //! After NAT: redirect straight out of the FIB's egress interface when that is safe,
 //! otherwise hand the rewritten packet to the kernel stack.
+//!
+//! Generic (skb) mode keeps the skb and its checksum state through the redirect. From
+//! native XDP only complete checksums may leave, and only into interfaces whose receivers
+//! deliver xdp_frames (`IFACE_F_REDIRECT_OK`). The FIB lookup is skipped when its answer
+//! cannot matter: a native packet that is partial, or of a flow whose egress or route
+//! allowed no native redirect before (`NAT_F_STACK`). Measured through BPF_PROG_TEST_RUN,
+//! the lookup costs 230 ns (IPv4) / 400 ns (IPv6) when it finds a route, 55 / 85 ns when it
+//! does not: more than the rest of an established packet's path.
+//!
+//! The next-hop cache (NEIGH): a successful lookup's answer for this destination and
+//! ingress, used for NEIGH_TTL_NS (1 s) instead of looking up again. What the FIB answer
+//! depends on and the cache does not follow at once:
+//! - a route or neighbour change, or a pod replaced under the same address (new veth, new
+//!   MAC): followed when the entry expires, so for at most 1 s packets go to the old next
+//!   hop (the old pod's veth is gone: they are lost, as they would be while the neighbour
+//!   entry is re-resolved);
+//! - the egress losing IFACE_F_REDIRECT_OK (agent reconfigured): likewise within 1 s;
+//! - the packet size: `max_len` bounds what the MTU check passed, a longer packet is
+//!   looked up again;
+//! - the source address and ports (source-policy routing, ECMP hashing): the key holds the
+//!   destination only, so for 1 s every flow to it takes the next hop found for the first
+//!   (docs/architecture.md, "Known limits").
+//!
+//! Failed lookups are not cached: they pass to the stack, and flows whose route or egress
+//! rules redirects out are remembered in their own entry (NAT_F_STACK). The entry is read
+//! in place, as CT entries are: an LRU map reuses a replaced element at once, so a packet
+//! racing other CPUs' refresh and insert could read an element already rewritten for
+//! another destination: one packet misdirected, never a flow.
 
 use crate::{
-    maps::{FIB_SCRATCH, IFACES, NEIGH},
+    maps,
     parse::{be16, be16_bytes, be32, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Pkt},
 };
 use aya_ebpf::{
@@ -45,8 +73,8 @@ pub enum Out {
     PassRemember,
 }
 
-/// Redirects the packet out of the FIB's egress interface when that is safe (see below),
-/// otherwise hands it to the stack.
+/// Redirects the packet out of the FIB's egress interface when that is safe (module
+/// docs), otherwise hands it to the stack.
 // Not inlined: a separate stack frame; inlined, the program exceeded LLVM's 512-byte BPF
 // stack limit.
 #[inline(never)]
@@ -57,56 +85,23 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Out {
     if p.vlan {
         return pass;
     }
-    // Generic (skb) mode keeps the skb and its checksum state through the redirect. From
-    // native XDP only complete checksums may leave, and only into interfaces whose
-    // receivers deliver xdp_frames. The FIB lookup is skipped when its answer cannot
-    // matter: a native packet that is partial, or of a flow whose egress or route allowed
-    // no native redirect before (NAT_F_STACK). Measured through BPF_PROG_TEST_RUN, the
-    // lookup costs 230 ns (IPv4) / 400 ns (IPv6) when it finds a route, 55 / 85 ns when
-    // it does not: more than the rest of an established packet's path.
     let native = p.in_flags & IFACE_F_GENERIC == 0;
     if native && (p.partial || e.flags & NAT_F_STACK != 0) {
         return pass;
     }
+    // SAFETY: `ctx.ctx` is the kernel's xdp_md, valid for the whole program.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    // The IP total length: the FIB checks it against the route's MTU.
-    let len = if p.v6 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, p.l3()) else {
-            return pass;
-        };
-        be16(unsafe { (*ip).payload_len }).saturating_add(40)
-    } else {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, p.l3()) else {
-            return pass;
-        };
-        be16(unsafe { (*ip).tot_len })
+    let Some(len) = ip_len(ctx, p) else {
+        return pass;
     };
-
-    // The next-hop cache (NEIGH): a successful lookup's answer for this destination and
-    // ingress, used for NEIGH_TTL_NS (1 s) instead of looking up again. What the FIB
-    // answer depends on and the cache does not follow at once:
-    // - a route or neighbour change, or a pod replaced under the same address (new veth,
-    //   new MAC): followed when the entry expires, so for at most 1 s packets go to the
-    //   old next hop (the old pod's veth is gone: they are lost, as they would be while
-    //   the neighbour entry is re-resolved);
-    // - the egress losing IFACE_F_REDIRECT_OK (agent reconfigured): likewise within 1 s;
-    // - the packet size: `max_len` bounds what the MTU check passed, a longer packet is
-    //   looked up again;
-    // - the source address and ports (source-policy routing, ECMP hashing): the key holds
-    //   the destination only, so for 1 s every flow to it takes the next hop found for
-    //   the first (docs/architecture.md, "Known limits").
-    // Failed lookups are not cached: they pass to the stack, and flows whose route or
-    // egress rules redirects out are remembered in their own entry (NAT_F_STACK).
-    // The entry is read in place, as CT entries are: an LRU map reuses a replaced element
-    // at once, so a packet racing other CPUs' refresh and insert could read an element
-    // already rewritten for another destination: one packet misdirected, never a flow.
     let key = NeighKey {
         addr: e.new_dst,
         ifindex: ingress,
     };
     // The clock is read only when there is an entry to check or to write: a destination
     // that cannot be redirected costs the cache one lookup that misses, nothing more.
-    if let Some(n) = unsafe { NEIGH.get(&key) } {
+    if let Some(n) = maps::next_hop(&key) {
+        // SAFETY: a helper call without arguments.
         if unsafe { bpf_ktime_get_ns() } < n.expires_ns
             && len <= n.max_len
             && (!native || n.egress_flags & IFACE_F_REDIRECT_OK != 0)
@@ -114,14 +109,67 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Out {
             return emit(ctx, p, n.egress, &n.smac, &n.dmac);
         }
     }
-
-    // In a per-CPU map rather than on the stack: zeroing it there became a call to
-    // `memset` (a loop in a BPF subprogram), whatever form the zeroing took.
-    let Some(fib) = FIB_SCRATCH.get_ptr_mut(0) else {
+    let Some(fib) = maps::fib_scratch() else {
         return pass;
     };
-    let fib = unsafe { &mut *fib };
-    // Every input field is set: the slot holds the previous packet's lookup.
+    let rc = lookup_route(ctx, fib, p, e, ingress, len);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        // The route itself rules a redirect out (blackhole, unreachable, prohibit, a local
+        // destination such as a host-network endpoint, forwarding off, a tunnel route):
+        // remembered like an egress that takes no redirects. A missing neighbour, a
+        // too-big packet or a missing source address pass to the stack this once only: the
+        // next packet may be redirectable.
+        if native && (BPF_FIB_LKUP_RET_BLACKHOLE..=BPF_FIB_LKUP_RET_UNSUPP_LWT).contains(&rc) {
+            return Out::PassRemember;
+        }
+        return pass;
+    }
+    let egress = fib.ifindex;
+    let Some(egress_flags) = redirectable(native, egress) else {
+        return Out::PassRemember;
+    };
+    let entry = NeighEntry {
+        // SAFETY: a helper call without arguments.
+        expires_ns: unsafe { bpf_ktime_get_ns() } + NEIGH_TTL_NS,
+        egress,
+        egress_flags,
+        smac: fib.smac,
+        dmac: fib.dmac,
+        max_len: len,
+        _pad: 0,
+    };
+    maps::next_hop_insert(&key, &entry);
+    emit(ctx, p, egress, &fib.smac, &fib.dmac)
+}
+
+/// The IP total length of the packet: the FIB checks it against the route's MTU.
+#[inline(always)]
+fn ip_len(ctx: &XdpContext, p: &Pkt) -> Option<u16> {
+    if p.v6 {
+        let ip = ptr_at::<Ipv6Hdr>(ctx, p.l3())?;
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv6Hdr>() <= data_end`.
+        Some(be16(unsafe { (*ip).payload_len }).saturating_add(40))
+    } else {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, p.l3())?;
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv4Hdr>() <= data_end`.
+        Some(be16(unsafe { (*ip).tot_len }))
+    }
+}
+
+/// Asks the FIB for the route to the NATed destination, with `fib` (the per-CPU
+/// FIB_SCRATCH slot) as parameters and answer; returns bpf_fib_lookup's code.
+#[inline(always)]
+fn lookup_route(
+    ctx: &XdpContext,
+    fib: &mut bpf_fib_lookup,
+    p: &Pkt,
+    e: &NatEntry,
+    ingress: u32,
+    len: u16,
+) -> i64 {
+    // Every input field is set: the slot holds the previous packet's lookup. (In a per-CPU
+    // map rather than on the stack: zeroing it there became a call to `memset`, a loop in
+    // a BPF subprogram, whatever form the zeroing took.)
     fib.l4_protocol = p.key.proto;
     fib.sport = e.new_sport_be;
     fib.dport = e.new_dport_be;
@@ -140,52 +188,31 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Out {
         fib.__bindgen_anon_3.ipv4_src = words(&e.new_src)[3];
         fib.__bindgen_anon_4.ipv4_dst = words(&e.new_dst)[3];
     }
-    let rc = unsafe {
+    // SAFETY: the helper gets the program's own context and a parameter buffer of the
+    // size it is told, which lives in a map slot valid until the program returns.
+    unsafe {
         fib_lookup(
             ctx.as_ptr(),
             fib as *mut bpf_fib_lookup,
             size_of::<bpf_fib_lookup>() as i32,
             0,
         )
-    };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        // The route itself rules a redirect out (blackhole, unreachable, prohibit, a local
-        // destination such as a host-network endpoint, forwarding off, a tunnel route):
-        // remembered like an egress that takes no redirects. A missing neighbour, a
-        // too-big packet or a missing source address pass to the stack this once only: the
-        // next packet may be redirectable.
-        if native && (BPF_FIB_LKUP_RET_BLACKHOLE..=BPF_FIB_LKUP_RET_UNSUPP_LWT).contains(&rc) {
-            return Out::PassRemember;
-        }
-        return pass;
     }
-    let egress = fib.ifindex;
-    // Only native mode cares what the egress takes: no IFACES lookup for generic.
-    let egress_flags = if native {
-        let flags = IFACES
-            .get_ptr(egress)
-            .map(|i| unsafe { (*i).flags })
-            .unwrap_or(0);
-        if flags & IFACE_F_REDIRECT_OK == 0 {
-            return Out::PassRemember;
-        }
-        flags
-    } else {
-        0
-    };
-    let entry = NeighEntry {
-        expires_ns: unsafe { bpf_ktime_get_ns() } + NEIGH_TTL_NS,
-        egress,
-        egress_flags,
-        smac: fib.smac,
-        dmac: fib.dmac,
-        max_len: len,
-        _pad: 0,
-    };
-    // A failed insert (LRU full of entries being updated on other CPUs) costs the next
-    // packet a lookup, nothing else.
-    let _ = NEIGH.insert(&key, &entry, 0);
-    emit(ctx, p, egress, &fib.smac, &fib.dmac)
+}
+
+/// The IFACES flags to cache with a redirect into `egress`, `None` if a native packet may
+/// not be redirected there. Only native mode cares what the egress takes: no IFACES
+/// lookup for generic.
+#[inline(always)]
+fn redirectable(native: bool, egress: u32) -> Option<u32> {
+    if !native {
+        return Some(0);
+    }
+    let flags = maps::iface_flags(egress);
+    if flags & IFACE_F_REDIRECT_OK == 0 {
+        return None;
+    }
+    Some(flags)
 }
 
 /// Decrements TTL / hop limit as a router does, writes the next hop's MACs and redirects
@@ -198,6 +225,7 @@ fn emit(ctx: &XdpContext, p: &Pkt, egress: u32, smac: &[u8; 6], dmac: &[u8; 6]) 
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, p.l3()) else {
             return pass;
         };
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv6Hdr>() <= data_end`.
         let ip = unsafe { &mut *ip };
         if ip.hop <= 1 {
             return pass;
@@ -207,6 +235,7 @@ fn emit(ctx: &XdpContext, p: &Pkt, egress: u32, smac: &[u8; 6], dmac: &[u8; 6]) 
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, p.l3()) else {
             return pass;
         };
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv4Hdr>() <= data_end`.
         let ip = unsafe { &mut *ip };
         if ip.ttl <= 1 {
             return pass;
@@ -219,10 +248,13 @@ fn emit(ctx: &XdpContext, p: &Pkt, egress: u32, smac: &[u8; 6], dmac: &[u8; 6]) 
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return pass;
     };
+    // copy_nonoverlapping: the assignment became a call to `memmove`.
+    // SAFETY: ptr_at checked the whole Ethernet header in bounds; the MACs are 6-byte
+    // arrays elsewhere (the stack or a map value), so the ranges do not overlap.
     unsafe {
-        // copy_nonoverlapping: the assignment became a call to `memmove`.
         core::ptr::copy_nonoverlapping(dmac.as_ptr(), (*eth).dst.as_mut_ptr(), 6);
         core::ptr::copy_nonoverlapping(smac.as_ptr(), (*eth).src.as_mut_ptr(), 6);
     }
+    // SAFETY: a helper call with plain integers.
     Out::Redirect(unsafe { bpf_redirect(egress, 0) } as u32)
 }

@@ -1,15 +1,23 @@
-//! xdplb's XDP programs: `xdp_edge` (edge NICs) and `xdp_pod` (host side of pod veths),
-//! two entry points over one linear path (`try_xdplb`), described in docs/architecture.md.
+//! The production object the agent loads (lb-userspace's `EBPF_OBJ`): xdplb's XDP programs
+//! `xdp_edge` (edge NICs) and `xdp_pod` (host side of pod veths), two entry points over one
+//! linear path (`try_xdplb`, described in docs/architecture.md), and the cgroup socket
+//! programs for host processes (`sock.rs`).
+//!
+//! Modules, in the order a packet meets them: `parse` (headers, bounds checks), `maps`
+//! (every map and its accessors), `conntrack` (CT/RNAT state of a flow), `select`
+//! (backend choice, shared with `sock`), `reject` (refusals), `nat` (rewrite and
+//! checksums), `forward` (FIB, next-hop cache, redirect), `stats` (counters); `config`
+//! holds the load-time globals.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(target_arch = "bpf")]
+mod config;
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod forward;
-mod gen;
-#[cfg(target_arch = "bpf")]
-mod lookup;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
@@ -18,6 +26,8 @@ mod nat;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod reject;
+#[cfg(target_arch = "bpf")]
+mod select;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod stats;
@@ -25,10 +35,9 @@ mod stats;
 #[cfg(target_arch = "bpf")]
 mod prog {
     use crate::{
+        config,
         conntrack::{self, Tracked},
-        forward, lookup,
-        maps::{IFACES, SCRATCH},
-        nat,
+        forward, maps, nat,
         parse::{self, Parsed, Pkt, TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, XDP_TX},
         reject, stats,
     };
@@ -38,16 +47,14 @@ mod prog {
     };
     use aya_log_ebpf::debug;
     use lb_common::{
-        NatEntry, IFACE_F_GENERIC, IFACE_F_VETH, NAT_F_SHARED_REPLY, PROTO_TCP, PROTO_UDP,
-        R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_DROP_NO_LOCAL_ENDPOINTS, R_DROP_SOURCE_RANGE,
-        R_FWD_PASS, R_FWD_REDIRECT, R_PASS_CT_FULL, R_PASS_NOT_SERVICE, R_REJECT_NO_ENDPOINTS,
-        R_RNAT_PASS, R_RNAT_REDIRECT, SVC_F_DROP_IF_EMPTY, SVC_F_SOURCE_RANGES,
+        NatEntry, ServiceValue, IFACE_F_GENERIC, IFACE_F_VETH, NAT_F_SHARED_REPLY, PROTO_TCP,
+        PROTO_UDP, R_DROP_BAD_L3, R_DROP_NO_ENDPOINTS, R_DROP_NO_LOCAL_ENDPOINTS,
+        R_DROP_SOURCE_RANGE, R_FWD_PASS, R_FWD_REDIRECT, R_PASS_CT_FULL, R_PASS_NOT_SERVICE,
+        R_REJECT_NO_ENDPOINTS, R_RNAT_PASS, R_RNAT_REDIRECT, SVC_F_DROP_IF_EMPTY,
+        SVC_F_SOURCE_RANGES,
     };
 
-    /// Set to 1 at load time (`--debug`) to log one line per verdict through aya-log.
-    #[no_mangle]
-    static DEBUG: u8 = 0;
-
+    /// What the program does with a packet, and why.
     struct Verdict {
         action: u32,
         reason: u32,
@@ -55,7 +62,8 @@ mod prog {
         stack: bool,
     }
 
-    const fn v(action: u32, reason: u32) -> Verdict {
+    /// A verdict that leaves the flow's entry as it is.
+    const fn verdict(action: u32, reason: u32) -> Verdict {
         Verdict {
             action,
             reason,
@@ -92,9 +100,7 @@ mod prog {
         if stack {
             conntrack::remember_stack(reason == R_RNAT_PASS);
         }
-        // read_volatile: the loader patches DEBUG in .rodata; without it the compiler would
-        // fold the initial 0 and drop the logging.
-        if unsafe { core::ptr::read_volatile(&DEBUG) } != 0 {
+        if config::debug() {
             debug!(ctx, "xdplb action={} reason={}", action, reason);
         }
         action
@@ -107,19 +113,18 @@ mod prog {
     /// docs/architecture.md, "Lookup order").
     #[inline(always)]
     fn try_xdplb(ctx: &XdpContext, edge: bool) -> Verdict {
-        let Some(p) = SCRATCH.get_ptr_mut(0) else {
+        let Some(p) = maps::packet_scratch() else {
             // Unreachable: a one-slot per-CPU array always has slot 0.
-            return v(XDP_PASS, R_PASS_NOT_SERVICE);
+            return verdict(XDP_PASS, R_PASS_NOT_SERVICE);
         };
-        let p = unsafe { &mut *p };
         match parse::parse(ctx, p) {
             Parsed::L4 => {}
-            Parsed::Verdict { action, reason } => return v(action, reason),
+            Parsed::Verdict { action, reason } => return verdict(action, reason),
             Parsed::IfVip { reason } => {
-                return if lookup::is_vip(&p.key.dst) {
-                    v(XDP_DROP, reason)
+                return if maps::is_vip(&p.key.dst) {
+                    verdict(XDP_DROP, reason)
                 } else {
-                    v(XDP_PASS, R_PASS_NOT_SERVICE)
+                    verdict(XDP_PASS, R_PASS_NOT_SERVICE)
                 };
             }
         };
@@ -136,7 +141,7 @@ mod prog {
             }
         }
 
-        let Some(svc) = lookup::service(&p.key.dst, p.key.dport_be, p.key.proto) else {
+        let Some(svc) = maps::service(&p.key.dst, p.key.dport_be, p.key.proto) else {
             // Replies of flows whose backend is elsewhere (or of hairpin flows) can reach
             // an edge too.
             if edge && !syn {
@@ -144,7 +149,7 @@ mod prog {
                     return verdict;
                 }
             }
-            return v(XDP_PASS, R_PASS_NOT_SERVICE);
+            return verdict(XDP_PASS, R_PASS_NOT_SERVICE);
         };
         let tracked = conntrack::tracked(&p.key);
         // A reply can be addressed to a frontend: a hairpin flow's reply goes to
@@ -160,31 +165,47 @@ mod prog {
         }
         // Every packet, not only new flows: removing a range cuts its live flows too, as
         // kube-proxy's filter rule does.
-        if svc.flags & SVC_F_SOURCE_RANGES != 0 && !lookup::source_allowed(svc.svc_id, &p.key.src) {
-            return v(XDP_DROP, R_DROP_SOURCE_RANGE);
+        if svc.flags & SVC_F_SOURCE_RANGES != 0 && !maps::source_allowed(svc.svc_id, &p.key.src) {
+            return verdict(XDP_DROP, R_DROP_SOURCE_RANGE);
         }
         iface(ctx, p);
         let p = &*p;
-        let (e, new_flow) = match tracked {
+        match flow_entry(ctx, p, &svc, tracked, syn) {
+            Ok((e, new_flow)) => nat_and_forward(ctx, p, e, false, bytes, new_flow),
+            Err(decided) => decided,
+        }
+    }
+
+    /// The forward entry of a client's packet to service port `svc` (and whether the flow
+    /// is new): its live CT entry, else a newly scheduled one. `Err`: the packet's verdict
+    /// when it gets no entry (no endpoints, no backend, tables full).
+    #[inline(always)]
+    fn flow_entry(
+        ctx: &XdpContext,
+        p: &Pkt,
+        svc: &ServiceValue,
+        tracked: Tracked,
+        syn: bool,
+    ) -> Result<(&'static NatEntry, bool), Verdict> {
+        match tracked {
             Tracked::Live(e) => {
                 if syn || (p.key.proto == PROTO_UDP && e.flags & NAT_F_SHARED_REPLY != 0) {
                     conntrack::ensure_reply(&p.key, e);
                 }
-                (e, false)
+                Ok((e, false))
             }
             // Endpoints exist elsewhere but not here: kube-proxy drops silently, so a
             // client retries rather than being told the service is down.
             _ if svc.maglev_size == 0 && svc.flags & SVC_F_DROP_IF_EMPTY != 0 => {
-                return v(XDP_DROP, R_DROP_NO_LOCAL_ENDPOINTS)
+                Err(verdict(XDP_DROP, R_DROP_NO_LOCAL_ENDPOINTS))
             }
-            _ if svc.maglev_size == 0 => return refuse(ctx, p),
-            t => match conntrack::schedule(&p.key, &svc, p.v6, t.stale()) {
-                Ok(e) => (e, true),
-                Err(R_PASS_CT_FULL) => return v(XDP_PASS, R_PASS_CT_FULL),
-                Err(reason) => return v(XDP_DROP, reason),
+            _ if svc.maglev_size == 0 => Err(refuse(ctx, p)),
+            t => match conntrack::schedule(&p.key, svc, p.v6, t.stale()) {
+                Ok(e) => Ok((e, true)),
+                Err(R_PASS_CT_FULL) => Err(verdict(XDP_PASS, R_PASS_CT_FULL)),
+                Err(reason) => Err(verdict(XDP_DROP, reason)),
             },
-        };
-        nat_and_forward(ctx, p, e, false, bytes, new_flow)
+        }
     }
 
     /// Reverse-NATs and forwards the packet if RNAT knows it as a backend's reply.
@@ -199,12 +220,9 @@ mod prog {
     /// be rewritten or answered need it: the pass-through path skips this lookup.
     #[inline(always)]
     fn iface(ctx: &XdpContext, p: &mut Pkt) {
+        // SAFETY: `ctx.ctx` is the kernel's xdp_md, valid for the whole program.
         let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-        // No entry (e.g. BPF_PROG_TEST_RUN on loopback): an edge, not a veth, not generic.
-        p.in_flags = IFACES
-            .get_ptr(ifindex)
-            .map(|i| unsafe { (*i).flags })
-            .unwrap_or(0);
+        p.in_flags = maps::iface_flags(ifindex);
         p.partial = p.in_flags & IFACE_F_VETH != 0 && nat::looks_partial(p);
     }
 
@@ -221,7 +239,7 @@ mod prog {
         if nat::rewrite(ctx, p, e).is_err() {
             // Unreachable: the parser checked these headers. Dropping is the safe answer
             // to a possibly half-rewritten packet.
-            return v(XDP_DROP, R_DROP_BAD_L3);
+            return verdict(XDP_DROP, R_DROP_BAD_L3);
         }
         stats::traffic(e.svc_id, e.backend_id, reply, bytes, new_flow);
         let (action, redirected, stack) = match forward::forward(ctx, p, e) {
@@ -245,7 +263,7 @@ mod prog {
     #[inline(always)]
     fn refuse(ctx: &XdpContext, p: &Pkt) -> Verdict {
         if !reject::answers(p) {
-            return v(XDP_DROP, R_DROP_NO_ENDPOINTS);
+            return verdict(XDP_DROP, R_DROP_NO_ENDPOINTS);
         }
         let built = if p.key.proto == lb_common::PROTO_TCP {
             reject::tcp_rst(ctx, p)
@@ -253,9 +271,9 @@ mod prog {
             reject::port_unreachable(ctx, p)
         };
         match built {
-            Ok(()) => v(send_back(ctx, p), R_REJECT_NO_ENDPOINTS),
+            Ok(()) => verdict(send_back(ctx, p), R_REJECT_NO_ENDPOINTS),
             // The frame may be half reshaped: never let it continue.
-            Err(()) => v(XDP_DROP, R_DROP_NO_ENDPOINTS),
+            Err(()) => verdict(XDP_DROP, R_DROP_NO_ENDPOINTS),
         }
     }
 
@@ -269,7 +287,9 @@ mod prog {
     #[inline(always)]
     fn send_back(ctx: &XdpContext, p: &Pkt) -> u32 {
         if p.in_flags & (IFACE_F_VETH | IFACE_F_GENERIC) == IFACE_F_VETH {
+            // SAFETY: `ctx.ctx` is the kernel's xdp_md, valid for the whole program.
             let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+            // SAFETY: a helper call with plain integers.
             unsafe { bpf_redirect(ifindex, 0) as u32 }
         } else {
             XDP_TX

@@ -45,6 +45,7 @@ pub fn rewrite(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Result<(), ()> {
     let partial = p.partial;
     // Address changes enter both the IPv4 header checksum and the L4 pseudo-header.
     let addr_diff = if p.v6 {
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv6Hdr>() <= data_end`.
         let ip = unsafe { &mut *ptr_at::<Ipv6Hdr>(ctx, p.l3()).ok_or(())? };
         // `!old + new` over both addresses.
         let d = sum16_ne(0, &ip.src, true);
@@ -55,6 +56,7 @@ pub fn rewrite(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Result<(), ()> {
         copy16(&mut ip.dst, &e.new_dst);
         fold_ne(d)
     } else {
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv4Hdr>() <= data_end`.
         let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(ctx, p.l3()).ok_or(())? };
         let (src, dst) = (v4(&e.new_src), v4(&e.new_dst));
         let d = diff_bytes(0, &ip.src, &src);
@@ -68,6 +70,7 @@ pub fn rewrite(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Result<(), ()> {
     let dport = ne16_bytes(e.new_dport_be);
     let l4 = p.l4();
     if p.key.proto == PROTO_TCP {
+        // SAFETY: ptr_at checked `l4 + size_of::<TcpHdr>() <= data_end`.
         let th = unsafe { &mut *ptr_at::<TcpHdr>(ctx, l4).ok_or(())? };
         let old = be16(th.csum);
         let new = if partial {
@@ -82,6 +85,7 @@ pub fn rewrite(ctx: &XdpContext, p: &Pkt, e: &NatEntry) -> Result<(), ()> {
         th.sport = sport;
         th.dport = dport;
     } else {
+        // SAFETY: ptr_at checked `l4 + size_of::<UdpHdr>() <= data_end`.
         let uh = unsafe { &mut *ptr_at::<UdpHdr>(ctx, l4).ok_or(())? };
         let old = be16(uh.csum);
         let new = if partial {

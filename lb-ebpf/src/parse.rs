@@ -139,6 +139,7 @@ pub fn ne16_bytes(v: u16) -> [u8; 2] {
 #[inline(always)]
 pub fn zero_pad(pad: &mut [u8; 3]) {
     let p = pad.as_mut_ptr();
+    // SAFETY: the three bytes of `pad`, which the caller lends exclusively.
     unsafe {
         core::ptr::write_volatile(p, 0);
         core::ptr::write_volatile(p.add(1), 0);
@@ -160,6 +161,8 @@ pub fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
     let d = dst.as_mut_ptr() as *mut u16;
     let s = src.as_ptr() as *const u16;
     for i in 0..8 {
+        // SAFETY: word `i < 8` of two 16-byte arrays, both 2-byte aligned (above); `dst`
+        // is borrowed exclusively, so the two do not overlap.
         unsafe { d.add(i).write(s.add(i).read()) };
     }
 }
@@ -174,6 +177,7 @@ pub fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
 pub fn sum16_ne(mut acc: u32, a: &[u8; 16], complement: bool) -> u32 {
     let w = a.as_ptr() as *const u16;
     for i in 0..8 {
+        // SAFETY: word `i < 8` of a 16-byte array, 2-byte aligned (see `copy16`).
         let x = unsafe { w.add(i).read() };
         acc += if complement { !x } else { x } as u32;
     }
@@ -185,6 +189,9 @@ pub fn sum16_ne(mut acc: u32, a: &[u8; 16], complement: bool) -> u32 {
 #[inline(always)]
 pub fn set_v4_mapped(dst: &mut [u8; 16], a: &[u8; 4]) {
     let p = dst.as_mut_ptr();
+    // SAFETY: bytes 0..8, 8..10, 10..12 and 12..16 of `dst`, borrowed exclusively and
+    // 8-byte aligned (the caller's promise), so each store is aligned for its width; `a`
+    // is another object.
     unsafe {
         core::ptr::write_volatile(p as *mut u64, 0);
         core::ptr::write_volatile(p.add(8) as *mut u16, 0);
@@ -256,6 +263,7 @@ pub fn parse(ctx: &XdpContext, p: &mut Pkt) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return verdict(XDP_PASS, R_PASS_NOT_IP);
     };
+    // SAFETY: ptr_at checked `size_of::<EthHdr>() <= data_end - data`.
     let mut proto = be16(unsafe { (*eth).proto });
     let mut l3 = ETH_LEN;
     let mut vlan = false;
@@ -263,6 +271,7 @@ pub fn parse(ctx: &XdpContext, p: &mut Pkt) -> Parsed {
         let Some(tag) = ptr_at::<VlanHdr>(ctx, ETH_LEN) else {
             return verdict(XDP_PASS, R_PASS_NOT_IP);
         };
+        // SAFETY: ptr_at checked `ETH_LEN + size_of::<VlanHdr>() <= data_end - data`.
         proto = be16(unsafe { (*tag).proto });
         l3 = ETH_LEN + VLAN_LEN;
         vlan = true;
@@ -283,6 +292,7 @@ fn parse_v4(ctx: &XdpContext, p: &mut Pkt, l3: usize, vlan: bool, frame_len: usi
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
         return verdict(XDP_DROP, R_DROP_BAD_L3);
     };
+    // SAFETY: ptr_at checked `l3 + size_of::<Ipv4Hdr>() <= data_end`.
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
     let tot_len = be16(ip.tot_len) as usize;
@@ -320,6 +330,7 @@ fn parse_v6(ctx: &XdpContext, p: &mut Pkt, l3: usize, vlan: bool, frame_len: usi
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
         return verdict(XDP_DROP, R_DROP_BAD_L3);
     };
+    // SAFETY: ptr_at checked `l3 + size_of::<Ipv6Hdr>() <= data_end`.
     let ip = unsafe { &*ip };
     let payload = be16(ip.payload_len) as usize;
     if ip.vtcfl[0] >> 4 != 6 || l3 + IPV6_LEN + payload > frame_len {
@@ -370,6 +381,7 @@ fn parse_l4(
                 reason: R_DROP_BAD_L4,
             };
         };
+        // SAFETY: ptr_at checked `l4 + size_of::<TcpHdr>() <= data_end`.
         let th = unsafe { &*th };
         let doff = (th.doff >> 4) as u16 * 4;
         if doff < TCP_LEN as u16 || doff > payload {
@@ -384,6 +396,7 @@ fn parse_l4(
                 reason: R_DROP_BAD_L4,
             };
         };
+        // SAFETY: ptr_at checked `l4 + size_of::<UdpHdr>() <= data_end`.
         let uh = unsafe { &*uh };
         let len = be16(uh.len);
         if len < UDP_LEN as u16 || len > payload {

@@ -60,6 +60,7 @@ fn truncate(ctx: &XdpContext, len: usize) -> Result<(), ()> {
         return Ok(());
     }
     let delta = -((cur - len) as i32);
+    // SAFETY: the helper gets the program's own context; it checks `delta` itself.
     if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, delta) } != 0 {
         return Err(());
     }
@@ -85,6 +86,7 @@ fn ipv4_header(ip: &mut Ipv4Hdr, tot_len: u16, proto: u8, src: [u8; 4], dst: [u8
     ip.csum = [0; 2];
     ip.src = src;
     ip.dst = dst;
+    // SAFETY: Ipv4Hdr is `repr(C)`, IPV4_LEN bytes of byte fields without padding.
     let bytes = unsafe { &*(ip as *const Ipv4Hdr as *const [u8; IPV4_LEN]) };
     ip.csum = be16_bytes(!fold(sum_words(0, bytes)));
 }
@@ -107,6 +109,7 @@ fn ipv6_header(ip: &mut Ipv6Hdr, payload: u16, next: u8, src: [u8; 16], dst: [u8
 pub fn tcp_rst(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
     let l4 = p.l4();
     let (seq, seg_len) = {
+        // SAFETY: ptr_at checked `l4 + size_of::<TcpHdr>() <= data_end`.
         let th = unsafe { &*ptr_at::<TcpHdr>(ctx, l4).ok_or(())? };
         let doff = (th.doff >> 4) as u32 * 4;
         let mut len = (p.l4_len as u32).wrapping_sub(doff);
@@ -120,14 +123,18 @@ pub fn tcp_rst(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
     };
     // Options and payload go: the RST is a bare 20-byte header.
     truncate(ctx, l4 + TCP_LEN)?;
+    // SAFETY: ptr_at checked the Ethernet header in bounds of the truncated frame (every
+    // pointer below is taken after the last change to the frame's bounds).
     let eth = unsafe { &mut *ptr_at::<EthHdr>(ctx, 0).ok_or(())? };
     swap_macs(eth);
     let (src, dst) = (p.key.dst, p.key.src);
     let pseudo = if p.v6 {
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv6Hdr>() <= data_end`.
         let ip = unsafe { &mut *ptr_at::<Ipv6Hdr>(ctx, p.l3()).ok_or(())? };
         ipv6_header(ip, TCP_LEN as u16, PROTO_TCP, src, dst);
         pseudo_v6(&src, &dst, PROTO_TCP, TCP_LEN as u16)
     } else {
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv4Hdr>() <= data_end`.
         let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(ctx, p.l3()).ok_or(())? };
         let (s4, d4) = (
             [src[12], src[13], src[14], src[15]],
@@ -136,6 +143,7 @@ pub fn tcp_rst(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
         ipv4_header(ip, (IPV4_LEN + TCP_LEN) as u16, PROTO_TCP, s4, d4);
         pseudo_v4(&s4, &d4, PROTO_TCP, TCP_LEN as u16)
     };
+    // SAFETY: ptr_at checked `l4 + size_of::<TcpHdr>() <= data_end`.
     let th = unsafe { &mut *ptr_at::<TcpHdr>(ctx, l4).ok_or(())? };
     th.sport = ne16_bytes(p.key.dport_be);
     th.dport = ne16_bytes(p.key.sport_be);
@@ -146,6 +154,7 @@ pub fn tcp_rst(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
     th.window = [0; 2];
     th.csum = [0; 2];
     th.urg = [0; 2];
+    // SAFETY: TcpHdr is `repr(C)`, TCP_LEN bytes of byte fields without padding.
     let bytes = unsafe { &*(th as *const TcpHdr as *const [u8; TCP_LEN]) };
     th.csum = be16_bytes(!fold(sum_words(pseudo, bytes)));
     Ok(())
@@ -161,6 +170,7 @@ struct L2 {
 
 #[inline(always)]
 fn save_l2(ctx: &XdpContext, p: &Pkt) -> Result<L2, ()> {
+    // SAFETY: ptr_at checked `size_of::<EthHdr>() <= data_end - data`.
     let eth = unsafe { &*ptr_at::<EthHdr>(ctx, 0).ok_or(())? };
     let mut l2 = L2 {
         dst: eth.dst,
@@ -169,6 +179,7 @@ fn save_l2(ctx: &XdpContext, p: &Pkt) -> Result<L2, ()> {
         tag: [0; 4],
     };
     if p.vlan {
+        // SAFETY: ptr_at checked `ETH_LEN + size_of::<VlanHdr>() <= data_end - data`.
         let tag = unsafe { &*ptr_at::<VlanHdr>(ctx, ETH_LEN).ok_or(())? };
         l2.tag = [tag.tci[0], tag.tci[1], tag.proto[0], tag.proto[1]];
     }
@@ -179,11 +190,13 @@ fn save_l2(ctx: &XdpContext, p: &Pkt) -> Result<L2, ()> {
 /// sender.
 #[inline(always)]
 fn restore_l2(ctx: &XdpContext, p: &Pkt, l2: &L2) -> Result<(), ()> {
+    // SAFETY: ptr_at checked `size_of::<EthHdr>() <= data_end - data` of the reshaped frame.
     let eth = unsafe { &mut *ptr_at::<EthHdr>(ctx, 0).ok_or(())? };
     eth.dst = l2.src;
     eth.src = l2.dst;
     eth.proto = l2.proto;
     if p.vlan {
+        // SAFETY: ptr_at checked `ETH_LEN + size_of::<VlanHdr>() <= data_end - data`.
         let tag = unsafe { &mut *ptr_at::<VlanHdr>(ctx, ETH_LEN).ok_or(())? };
         tag.tci = [l2.tag[0], l2.tag[1]];
         tag.proto = [l2.tag[2], l2.tag[3]];
@@ -198,6 +211,8 @@ fn reshape(ctx: &XdpContext, p: &Pkt, ip_len: usize) -> Result<(), ()> {
     let quote = ip_len + UDP_LEN;
     truncate(ctx, p.l3() + quote)?;
     let grow = (ip_len + ICMP_LEN) as i32;
+    // SAFETY: the helper gets the program's own context; it checks `-grow` against the
+    // headroom itself.
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -grow) } != 0 {
         return Err(());
     }
@@ -215,10 +230,13 @@ pub fn port_unreachable(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
         reshape(ctx, p, IPV6_LEN)?;
         restore_l2(ctx, p, &l2)?;
         let len = (ICMP_LEN + IPV6_LEN + UDP_LEN) as u16;
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv6Hdr>() <= data_end`.
         let ip = unsafe { &mut *ptr_at::<Ipv6Hdr>(ctx, p.l3()).ok_or(())? };
         ipv6_header(ip, len, PROTO_ICMPV6, src, dst);
         let msg = ptr_at::<[u8; ICMP_LEN + IPV6_LEN + UDP_LEN]>(ctx, p.l3() + IPV6_LEN).ok_or(())?;
         let icmp = msg as *mut IcmpHdr;
+        // SAFETY: ptr_at checked the whole message (ICMPv6 header, quoted IPv6 and UDP
+        // headers) in bounds; IcmpHdr, its first 8 bytes, has alignment 1.
         unsafe {
             (*icmp).kind = ICMPV6_DEST_UNREACH;
             (*icmp).code = ICMPV6_PORT_UNREACH;
@@ -230,6 +248,7 @@ pub fn port_unreachable(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
     } else {
         reshape(ctx, p, IPV4_LEN)?;
         restore_l2(ctx, p, &l2)?;
+        // SAFETY: ptr_at checked `l3 + size_of::<Ipv4Hdr>() <= data_end`.
         let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(ctx, p.l3()).ok_or(())? };
         let (s4, d4) = (
             [src[12], src[13], src[14], src[15]],
@@ -239,6 +258,8 @@ pub fn port_unreachable(ctx: &XdpContext, p: &Pkt) -> Result<(), ()> {
         ipv4_header(ip, tot, PROTO_ICMP, s4, d4);
         let msg = ptr_at::<[u8; ICMP_LEN + IPV4_LEN + UDP_LEN]>(ctx, p.l3() + IPV4_LEN).ok_or(())?;
         let icmp = msg as *mut IcmpHdr;
+        // SAFETY: ptr_at checked the whole message (ICMP header, quoted IPv4 and UDP
+        // headers) in bounds; IcmpHdr, its first 8 bytes, has alignment 1.
         unsafe {
             (*icmp).kind = ICMP_DEST_UNREACH;
             (*icmp).code = ICMP_PORT_UNREACH;

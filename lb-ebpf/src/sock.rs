@@ -24,37 +24,26 @@
 #![cfg(target_arch = "bpf")]
 
 use crate::{
-    lookup,
-    maps::{AFFINITY, BACKENDS, BE_STATS, MAGLEV, SVC_STATS},
+    config, maps,
+    select::{self, Affinity},
+    stats,
 };
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
-    macros::{cgroup_sock_addr, map},
-    maps::LruHashMap,
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext as _,
 };
 use lb_common::{
-    is_v4_mapped, v4_mapped, AffinityKey, AffinityValue, Backend, ServiceValue, SockRnatKey,
-    SockRnatValue, BACKEND_F_ACTIVE, MAX_SOCK_RNAT, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY,
-    SVC_F_LOCAL,
+    is_v4_mapped, v4_mapped, Backend, ServiceValue, SockRnatKey, SockRnatValue, PROTO_TCP,
+    PROTO_UDP,
 };
-
-/// The network namespace cookie of the agent (set at load time; 0 = act for nobody).
-#[no_mangle]
-static SOCK_NETNS_COOKIE: u64 = 0;
-
-/// (socket, backend) -> frontend, for getpeername()/recvmsg(). LRU: sockets are never
-/// told to us when they close.
-#[map(name = "SOCK_RNAT")]
-static SOCK_RNAT: LruHashMap<SockRnatKey, SockRnatValue> = LruHashMap::pinned(MAX_SOCK_RNAT, 0);
 
 /// Return values of sock_addr programs.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
-const BPF_ANY: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
@@ -104,9 +93,8 @@ pub fn sock_getpeer6(ctx: SockAddrContext) -> i32 {
 /// True if the socket lives in the agent's network namespace.
 #[inline(always)]
 fn ours(ctx: &SockAddrContext) -> bool {
-    // read_volatile: the loader patches the value in .rodata; a plain read would be folded
-    // to the initial 0 at compile time.
-    let want = unsafe { core::ptr::read_volatile(&SOCK_NETNS_COOKIE) };
+    let want = config::agent_netns_cookie();
+    // SAFETY: the helper is called with the program's own context.
     want != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == want
 }
 
@@ -116,6 +104,8 @@ fn ours(ctx: &SockAddrContext) -> bool {
 #[inline(always)]
 fn user_addr<const V6: bool>(ctx: &SockAddrContext) -> [u8; 16] {
     let sa = ctx.sock_addr;
+    // SAFETY: `sock_addr` is the kernel's context, valid for the whole program; the
+    // verifier checks each field access against the hook's type.
     let words: [u32; 4] = unsafe {
         if V6 {
             [
@@ -129,6 +119,7 @@ fn user_addr<const V6: bool>(ctx: &SockAddrContext) -> [u8; 16] {
         }
     };
     // The words hold network byte order in memory, so their bytes are the address.
+    // SAFETY: both types are 16 plain bytes, and every bit pattern is valid for either.
     unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
 }
 
@@ -136,10 +127,13 @@ fn user_addr<const V6: bool>(ctx: &SockAddrContext) -> [u8; 16] {
 #[inline(always)]
 fn set_user_addr<const V6: bool>(ctx: &SockAddrContext, addr: &[u8; 16], port_be: u16) {
     let sa = ctx.sock_addr;
+    // SAFETY: both types are 16 plain bytes, and every bit pattern is valid for either.
     let words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
     // Volatile 32-bit stores: the verifier accepts only 4-byte writes to these fields on
     // every kernel, and LLVM would otherwise be free to merge two of them into one 8-byte
     // store.
+    // SAFETY: writes to the kernel's context, valid for the whole program; the verifier
+    // allows writing these fields in the connect, sendmsg, recvmsg and getpeername hooks.
     unsafe {
         if V6 {
             core::ptr::write_volatile(&mut (*sa).user_ip6[0], words[0]);
@@ -156,12 +150,14 @@ fn set_user_addr<const V6: bool>(ctx: &SockAddrContext, addr: &[u8; 16], port_be
 
 #[inline(always)]
 fn user_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: a read of the kernel's context, valid for the whole program.
     unsafe { (*ctx.sock_addr).user_port as u16 }
 }
 
 /// TCP or UDP, from the socket (the kernel resolves protocol 0 at socket creation).
 #[inline(always)]
 fn proto(ctx: &SockAddrContext) -> Option<u8> {
+    // SAFETY: a read of the kernel's context, valid for the whole program.
     match unsafe { (*ctx.sock_addr).protocol } {
         p if p == PROTO_TCP as u32 => Some(PROTO_TCP),
         p if p == PROTO_UDP as u32 => Some(PROTO_UDP),
@@ -169,93 +165,29 @@ fn proto(ctx: &SockAddrContext) -> Option<u8> {
     }
 }
 
-#[inline(always)]
-fn backend(id: u32) -> Option<Backend> {
-    let b = unsafe { *BACKENDS.get_ptr(id)? };
-    if b.flags & BACKEND_F_ACTIVE == 0 {
-        return None;
-    }
-    Some(b)
-}
-
-/// splitmix64's finaliser over the socket cookie and the service port: a socket keeps
-/// its backend for as long as the table does (an unconnected UDP socket talks to one pod,
-/// as a connected one would), different sockets spread over the table, and one socket
-/// reaching two service ports does not land on the same slot index in both.
-#[inline(always)]
-fn slot_hash(cookie: u64, svc_id: u32) -> u64 {
-    let mut x = cookie ^ (svc_id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Picks the backend: the node's affinity backend when fresh and still active, else the
-/// frontend's Maglev slot for this socket. `None`: the maps are inconsistent.
+/// Picks the backend (`select`): the node's affinity backend when fresh and still active,
+/// else the frontend's Maglev slot for this socket. `None`: the maps are inconsistent.
 // Not inlined: keeps the stack of each entry point small and the verifier's work per
 // program bounded (it is shared by the four forward programs).
 #[inline(never)]
 fn pick(svc: &ServiceValue, cookie: u64, v4_frontend: bool) -> Option<(u32, Backend)> {
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let affinity = svc.flags & SVC_F_AFFINITY != 0;
     // The node's processes are one client per family: the unspecified address of the
     // frontend's family never appears as a real client in the XDP path.
-    let akey = AffinityKey {
-        client: if v4_frontend {
-            v4_mapped([0; 4])
-        } else {
-            [0; 16]
-        },
-        svc_id: svc.svc_id,
-        scope: (svc.flags & SVC_F_LOCAL != 0) as u32,
+    let client = if v4_frontend {
+        v4_mapped([0; 4])
+    } else {
+        [0; 16]
     };
-    let mut chosen = None;
-    if affinity {
-        if let Some(a) = AFFINITY.get_ptr(akey) {
-            let a = unsafe { *a };
-            let fresh =
-                now.saturating_sub(a.last_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000;
-            if fresh {
-                if let Some(b) = backend(a.backend_id) {
-                    if is_v4_mapped(&b.addr) == v4_frontend {
-                        chosen = Some((a.backend_id, b));
-                    }
-                }
-            }
-        }
-    }
-    if chosen.is_none() {
-        // Repeated from the caller, next to the modulo: conntrack.rs found that without
-        // it a division-by-zero panic path stays, whose trailing call the verifier
-        // rejects ("last insn is not an exit or jmp").
-        if svc.maglev_size == 0 {
-            return None;
-        }
-        let slot = (slot_hash(cookie, svc.svc_id) % svc.maglev_size as u64) as u32;
-        let id = unsafe { *MAGLEV.get_ptr(svc.maglev_offset.wrapping_add(slot))? };
-        chosen = Some((id, backend(id)?));
-    }
-    let (id, b) = chosen?;
-    if affinity {
-        let val = AffinityValue {
-            backend_id: id,
-            _pad: 0,
-            last_ns: now,
-        };
-        // A full map only costs the next socket its affinity.
-        let _ = AFFINITY.insert(akey, val, BPF_ANY);
+    let affinity = Affinity::lookup(svc, client);
+    let (id, b) = select::choose(svc, affinity.as_ref(), v4_frontend, now, |size| {
+        (select::socket_hash(cookie, svc.svc_id) % size as u64) as u32
+    })?;
+    if let Some(affinity) = affinity {
+        affinity.remember(id, now);
     }
     Some((id, b))
-}
-
-#[inline(always)]
-fn count_new(svc_id: u32, backend_id: u32) {
-    if let Some(c) = SVC_STATS.get_ptr_mut(svc_id) {
-        unsafe { (*c).new_flows += 1 };
-    }
-    if let Some(c) = BE_STATS.get_ptr_mut(backend_id) {
-        unsafe { (*c).new_flows += 1 };
-    }
 }
 
 /// connect() and sendmsg(): frontend -> backend.
@@ -269,19 +201,22 @@ fn forward<const V6: bool>(ctx: &SockAddrContext, connect: bool) -> i32 {
     };
     let dst = user_addr::<V6>(ctx);
     let port_be = user_port(ctx);
-    let Some(svc) = lookup::service(&dst, port_be, proto) else {
+    let Some(svc) = maps::service(&dst, port_be, proto) else {
         return ALLOW;
     };
     if svc.maglev_size == 0 {
         // kube-proxy REJECTs (ICMP port unreachable, so ECONNREFUSED for TCP): fail the
         // syscall with the same errno instead of the EPERM a plain 0 would give.
+        // SAFETY: a helper call with a plain integer.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
     }
+    // SAFETY: the helper is called with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let v4_frontend = is_v4_mapped(&dst);
     let Some((id, b)) = pick(&svc, cookie, v4_frontend) else {
         // Inconsistent maps (XDP drops with drop_no_backend): fail fast, not silently.
+        // SAFETY: a helper call with a plain integer.
         unsafe { bpf_set_retval(-EHOSTUNREACH) };
         return REJECT;
     };
@@ -289,6 +224,7 @@ fn forward<const V6: bool>(ctx: &SockAddrContext, connect: bool) -> i32 {
     // An IPv6 socket reaching an IPv4 frontend through its mapped address (::ffff:a.b.c.d)
     // is the V6 hook with a mapped `dst`, and gets the backend's mapped address: valid.
     if is_v4_mapped(&b.addr) != v4_frontend {
+        // SAFETY: a helper call with a plain integer.
         unsafe { bpf_set_retval(-EHOSTUNREACH) };
         return REJECT;
     }
@@ -309,14 +245,11 @@ fn forward<const V6: bool>(ctx: &SockAddrContext, connect: bool) -> i32 {
     // sendmsg() runs per datagram: the entry is written (and a new flow counted) only when
     // this socket had none for this backend, or one for another frontend.
     let known = !connect
-        && SOCK_RNAT.get_ptr(key).is_some_and(|v| unsafe {
-            (*v).svc_id == val.svc_id && (*v).addr == val.addr && (*v).port_be == port_be
-        });
+        && maps::sock_rnat(&key)
+            .is_some_and(|v| v.svc_id == val.svc_id && v.addr == val.addr && v.port_be == port_be);
     if !known {
-        // Full of live sockets (LRU) or out of memory: the socket is still translated,
-        // only its getpeername()/recvmsg() would show the backend.
-        let _ = SOCK_RNAT.insert(key, val, BPF_ANY);
-        count_new(svc.svc_id, id);
+        maps::sock_rnat_insert(&key, &val);
+        stats::new_flow(svc.svc_id, id);
     }
     set_user_addr::<V6>(ctx, &b.addr, b.port_be);
     ALLOW
@@ -328,6 +261,7 @@ fn reverse<const V6: bool>(ctx: &SockAddrContext) {
     if !ours(ctx) {
         return;
     }
+    // SAFETY: the helper is called with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRnatKey {
         cookie,
@@ -336,16 +270,13 @@ fn reverse<const V6: bool>(ctx: &SockAddrContext) {
         _pad: 0,
         _pad2: 0,
     };
-    let Some(v) = SOCK_RNAT.get_ptr(key) else {
+    let Some(v) = maps::sock_rnat(&key) else {
         return;
     };
-    let v = unsafe { *v };
     // Only while the frontend still belongs to the same service port: after the service
     // is gone the application should see who it really talks to (Cilium does the same).
-    match lookup::service(&v.addr, v.port_be, v.proto) {
+    match maps::service(&v.addr, v.port_be, v.proto) {
         Some(svc) if svc.svc_id == v.svc_id => set_user_addr::<V6>(ctx, &v.addr, v.port_be),
-        _ => {
-            let _ = SOCK_RNAT.remove(key);
-        }
+        _ => maps::sock_rnat_remove(&key),
     }
 }

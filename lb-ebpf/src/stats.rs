@@ -1,20 +1,26 @@
 //! Per-CPU counters. Per-CPU maps need no atomics: a program runs on one CPU at a time.
 
-use crate::maps::{BE_STATS, REASONS, SVC_STATS};
-use aya_ebpf::maps::PerCpuArray;
+use crate::maps;
 use lb_common::Counters;
 
+/// Counts one packet under its verdict reason (`R_*`).
 #[inline(always)]
 pub fn reason(r: u32) {
-    if let Some(c) = REASONS.get_ptr_mut(r) {
-        unsafe { *c += 1 };
+    if let Some(c) = maps::reason_counter(r) {
+        *c += 1;
     }
 }
 
+/// Counts a packet in the counters `counters` returns for `id`.
 #[inline(always)]
-fn bump(map: &PerCpuArray<Counters>, id: u32, reply: bool, bytes: u64, new_flow: bool) {
-    if let Some(c) = map.get_ptr_mut(id) {
-        let c = unsafe { &mut *c };
+fn bump(
+    counters: fn(u32) -> Option<&'static mut Counters>,
+    id: u32,
+    reply: bool,
+    bytes: u64,
+    new_flow: bool,
+) {
+    if let Some(c) = counters(id) {
         if reply {
             c.rev_packets += 1;
             c.rev_bytes += bytes;
@@ -31,6 +37,18 @@ fn bump(map: &PerCpuArray<Counters>, id: u32, reply: bool, bytes: u64, new_flow:
 /// Counts one NATed packet for its service port and backend.
 #[inline(always)]
 pub fn traffic(svc_id: u32, backend_id: u32, reply: bool, bytes: u64, new_flow: bool) {
-    bump(&SVC_STATS, svc_id, reply, bytes, new_flow);
-    bump(&BE_STATS, backend_id, reply, bytes, new_flow);
+    bump(maps::service_counters, svc_id, reply, bytes, new_flow);
+    bump(maps::backend_counters, backend_id, reply, bytes, new_flow);
+}
+
+/// Counts a new flow without packets of its own: a socket translated by the socket
+/// programs (`sock.rs`), whose packets XDP never sees.
+#[inline(always)]
+pub fn new_flow(svc_id: u32, backend_id: u32) {
+    if let Some(c) = maps::service_counters(svc_id) {
+        c.new_flows += 1;
+    }
+    if let Some(c) = maps::backend_counters(backend_id) {
+        c.new_flows += 1;
+    }
 }

@@ -15,8 +15,13 @@ pub mod reconciler;
 pub mod sources;
 pub mod translate;
 
-/// The compiled XDP object (lb-ebpf), built by this crate's build script.
+/// The compiled XDP object (lb-ebpf's `lb-ebpf` binary), built by this crate's build script.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The benchmark's programs (lb-ebpf's `lb-bench` binary: the frame generator, the
+/// redirect ceiling, the delivery counter), built next to `EBPF_OBJ`. Only `cargo xtask
+/// bench` loads it; the agent never does.
+pub static BENCH_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
 
 /// `e` and its sources on one line (`error: cause: cause`), the form every log line and
 /// error message of the agent uses. Some errors (kube's among them) embed their source's

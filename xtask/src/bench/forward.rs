@@ -1,7 +1,7 @@
 //! `bench forward`: packets per second delivered to pods through a namespace topology
 //! (generator → node → pods), for xdplb and for kube-proxy's data paths, in one run.
 //!
-//! - The generator is `xdp_bench_gen` (lb-ebpf `gen.rs`) run by BPF_PROG_TEST_RUN with
+//! - The generator is `xdp_bench_gen` (lb-ebpf `src/bin/lb-bench.rs`) run by BPF_PROG_TEST_RUN with
 //!   BPF_F_TEST_XDP_LIVE_FRAMES in the client namespace: 64-byte frames on the wire (60
 //!   bytes + FCS), IPv4 UDP over the hot services' VIPs, sent with XDP_TX out of the
 //!   client's veth into the node's edge veth. Two kinds of traffic: established flows
@@ -24,7 +24,7 @@
 //! all of them alike, and every ratio is taken within a round.
 
 use super::common::{
-    baseline_versions, install, progress, round_order, Bench, InNetns, Installed, NodeLb, Rounds,
+    baseline_versions, install, progress, round_order, InNetns, Installed, NodeLb, Rounds,
     PROG_NOOP,
 };
 use super::kubeproxy::Plan;
@@ -46,6 +46,28 @@ use std::time::{Duration, Instant};
 const PROG_GEN: &str = "xdp_bench_gen";
 const PROG_REDIRECT: &str = "xdp_bench_redirect";
 const PROG_COUNT: &str = "xdp_bench_count";
+
+/// This suite's programs: the benchmark's own object (`lb_userspace::BENCH_OBJ`, with its
+/// own `xdp_noop`), never loaded by the agent. Not `common::Bench`: the xdplb paths run a
+/// real agent, and nothing here needs the production object.
+struct Bench {
+    ebpf: aya::Ebpf,
+}
+
+impl Bench {
+    fn load() -> Result<Self> {
+        let ebpf = aya::Ebpf::load(lb_userspace::BENCH_OBJ).context("loading the bench object")?;
+        Ok(Self { ebpf })
+    }
+
+    fn prog(&self, name: &str) -> Result<&Xdp> {
+        self.ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))
+    }
+}
 
 /// Ethernet frame without FCS: 64 bytes on the wire.
 const FRAME_LEN: usize = 60;
@@ -69,7 +91,7 @@ const POD_PORT: u16 = 8080;
 /// Hot services (traffic-carrying, two endpoints each); see `Plan`.
 const HOT: usize = 64;
 
-/// Indices of `BENCH_CFG` (lb-ebpf `gen.rs`).
+/// Indices of `BENCH_CFG` (lb-ebpf `src/bin/lb-bench.rs`).
 mod cfg {
     pub const DST_MAC_HI: usize = 0;
     pub const DST_MAC_LO: usize = 1;
@@ -374,8 +396,8 @@ fn measure(
 
 pub fn run(quick: bool) -> Result<ForwardResults> {
     let c = Rounds::new(quick, (1, 0.4), (3, 1.0));
-    let mut bench = Bench::load("fwd")?;
-    for p in [PROG_GEN, PROG_REDIRECT, PROG_COUNT] {
+    let mut bench = Bench::load()?;
+    for p in [PROG_GEN, PROG_REDIRECT, PROG_COUNT, PROG_NOOP] {
         xdp(&mut bench, p)?
             .load()
             .with_context(|| format!("verifier rejected {p}"))?;
