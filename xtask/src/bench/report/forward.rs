@@ -54,7 +54,7 @@ fn topology_and_generator(md: &mut String, r: &ForwardResults) -> Result<()> {
     )?;
     writeln!(
         md,
-        "**Generator.** `xdp_bench_gen` (lb-ebpf `gen.rs`) run by BPF_PROG_TEST_RUN with \
+        "**Generator.** `xdp_bench_gen` (lb-ebpf `src/bin/lb-bench.rs`, an object of its own) run by BPF_PROG_TEST_RUN with \
          BPF_F_TEST_XDP_LIVE_FRAMES in the generator namespace, on one CPU: every frame is \
          rewritten whole (Ethernet, IPv4 with its checksum, UDP) and leaves with XDP_TX \
          into the node's edge veth. {}-byte frames on the wire (60 + FCS) over the hot \
