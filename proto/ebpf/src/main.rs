@@ -10,6 +10,8 @@
 //! one BPF_PROG_TEST_RUN call with repeat = N.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -859,4 +861,30 @@ pub fn rep_h(ctx: XdpContext) -> u32 {
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+/// Checks that the claim/refresh/compare-and-delete primitive compiles and verifies: a
+/// cmpxchg on a tag word of H (BPF_ATOMIC | BPF_CMPXCHG, kernel >= 5.12). The bpfel
+/// target has no `atomic-cas`, so `AtomicU64::compare_exchange` does not exist; the
+/// intrinsic does (nightly, `core_intrinsics`).
+#[xdp]
+pub fn cas_h(ctx: XdpContext) -> u32 {
+    use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+    let Some(k) = key_of(&ctx) else { return XDP_DROP };
+    let h = client_hash(&k.src, k.sport_be, k.proto);
+    let Some(set) = H_TAB.get_ptr_mut(h & (H_SETS - 1)) else { return XDP_DROP };
+    let word = unsafe { core::ptr::addr_of_mut!((*set).tags[0]) };
+    let old = unsafe { core::ptr::read_volatile(word) };
+    let (_, ok) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            word,
+            old,
+            old | 1,
+        )
+    };
+    if ok {
+        XDP_PASS
+    } else {
+        XDP_DROP
+    }
 }

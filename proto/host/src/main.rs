@@ -19,10 +19,10 @@ const BACKEND_PORT: u16 = 8080;
 const FILL_BASE: u32 = 0x0a00_0001;
 const XDP_PASS: u32 = 2;
 
-const PROGRAMS: [&str; 26] = [
+const PROGRAMS: [&str; 27] = [
     "noop", "base", "new_a", "est_a", "rep_a", "new_b", "est_b", "rep_b", "new_c", "new_d",
     "est_d", "rep_d", "new_e", "est_e", "rep_e", "new_f", "rep_f", "new_g", "est_g", "rep_g",
-    "est_g_ktime", "est_g_coarse", "new_an", "new_h", "est_h", "rep_h",
+    "est_g_ktime", "est_g_coarse", "new_an", "new_h", "est_h", "rep_h", "cas_h",
 ];
 
 fn backend(client: [u8; 4]) -> [u8; 4] {
@@ -220,6 +220,7 @@ fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u3
         ("rep G: same set, reply match", "rep_g", true),
         ("est H: 15-way tagged set", "est_h", false),
         ("rep H: same set, reply match", "rep_h", true),
+        ("cmpxchg of a tag word of H", "cas_h", false),
         ("est G + last_seen refresh (ktime_get_ns)", "est_g_ktime", false),
         ("est G + last_seen refresh (ktime_get_coarse_ns)", "est_g_coarse", false),
     ] {
