@@ -19,10 +19,35 @@ const BACKEND_PORT: u16 = 8080;
 const FILL_BASE: u32 = 0x0a00_0001;
 const XDP_PASS: u32 = 2;
 
-const PROGRAMS: [&str; 27] = [
-    "noop", "base", "new_a", "est_a", "rep_a", "new_b", "est_b", "rep_b", "new_c", "new_d",
-    "est_d", "rep_d", "new_e", "est_e", "rep_e", "new_f", "rep_f", "new_g", "est_g", "rep_g",
-    "est_g_ktime", "est_g_coarse", "new_an", "new_h", "est_h", "rep_h", "cas_h",
+const PROGRAMS: [&str; 28] = [
+    "noop",
+    "base",
+    "new_a",
+    "est_a",
+    "rep_a",
+    "new_b",
+    "est_b",
+    "rep_b",
+    "new_c",
+    "new_d",
+    "est_d",
+    "rep_d",
+    "new_e",
+    "est_e",
+    "rep_e",
+    "new_f",
+    "rep_f",
+    "new_g",
+    "est_g",
+    "rep_g",
+    "est_g_ktime",
+    "est_g_coarse",
+    "new_an",
+    "new_h",
+    "est_h",
+    "rep_h",
+    "cas_h",
+    "est_g_jiffies",
 ];
 
 fn backend(client: [u8; 4]) -> [u8; 4] {
@@ -118,11 +143,21 @@ impl Rng {
     }
 }
 
-fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u32) -> Result<()> {
+/// A client packet of the flow numbered `c` (source FILL_BASE + c's address).
+fn est_frame(c: u32) -> Vec<u8> {
+    frame(addr(c), VIP, CLIENT_PORT, VIP_PORT)
+}
+
+/// The backend's reply in the same flow.
+fn rep_frame(c: u32) -> Vec<u8> {
+    frame(backend(addr(c)), addr(c), BACKEND_PORT, CLIENT_PORT)
+}
+
+/// Loads the object (fresh, unpinned maps), fills BACKS and loads every program.
+fn load(bytes: &[u8]) -> Result<Ebpf> {
     let mut ebpf = Ebpf::load(bytes).context("loading the object")?;
     {
-        let mut b: Array<_, [u8; 16]> =
-            Array::try_from(ebpf.map_mut("BACKS").context("BACKS")?)?;
+        let mut b: Array<_, [u8; 16]> = Array::try_from(ebpf.map_mut("BACKS").context("BACKS")?)?;
         for i in 0..16u8 {
             let mut a = [0u8; 16];
             a[10] = 0xff;
@@ -138,17 +173,24 @@ fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u3
             .try_into()?;
         p.load().with_context(|| format!("loading {name}"))?;
     }
+    Ok(ebpf)
+}
+
+/// Puts `fill` flows into every layout's tables; returns `fill`.
+fn fill_tables(ebpf: &mut Ebpf, fill_pct: u32) -> Result<u32> {
     let fill = (FLOWS as u64 * fill_pct as u64 / 100) as u32;
     let template = frame([10, 0, 0, 1], VIP, CLIENT_PORT, VIP_PORT);
     let t = std::time::Instant::now();
-    for layout in ["new_a", "new_an", "new_b", "new_c", "new_d", "new_e", "new_f", "new_g", "new_h"] {
-        set_ctl(&mut ebpf, FILL_BASE)?;
+    for layout in [
+        "new_a", "new_an", "new_b", "new_c", "new_d", "new_e", "new_f", "new_g", "new_h",
+    ] {
+        set_ctl(ebpf, FILL_BASE)?;
         // One call, `fill` repetitions: each takes the next source address.
         let mut left = fill;
         let mut failed = false;
         while left > 0 {
             let n = left.min(100_000);
-            let (v, _) = call(prog(&ebpf, layout)?, &template, n)?;
+            let (v, _) = call(prog(ebpf, layout)?, &template, n)?;
             // The verdict is the last repetition's: D refuses when full.
             failed |= v != XDP_PASS;
             left -= n;
@@ -157,16 +199,37 @@ fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u3
             eprintln!("  fill {fill_pct}%: {layout}: last insert of the fill was refused");
         }
     }
-    set_ctl(&mut ebpf, 0)?;
-    eprintln!("fill {fill_pct}% ({fill} flows per layout) in {:?}", t.elapsed());
+    set_ctl(ebpf, 0)?;
+    eprintln!(
+        "fill {fill_pct}% ({fill} flows per layout) in {:?}",
+        t.elapsed()
+    );
+    Ok(fill)
+}
 
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ fill as u64);
+fn case(
+    label: &str,
+    prog: &'static str,
+    frames: Vec<Vec<u8>>,
+    fresh: bool,
+    cold: Option<bool>,
+) -> Case {
+    Case {
+        label: label.into(),
+        prog,
+        frames,
+        fresh,
+        cold,
+        ns: vec![],
+        ok: 0,
+        total: 0,
+    }
+}
+
+/// Every case measured at one fill level; the no-op first (its per-run means are the
+/// denominators of the ratios).
+fn cases(fill: u32, runs: usize, calls: usize, seq: &mut u32) -> Vec<Case> {
     let hot_c = FILL_BASE + fill - 1;
-    let est = |c: u32| frame(addr(c), VIP, CLIENT_PORT, VIP_PORT);
-    let rep = |c: u32| frame(backend(addr(c)), addr(c), BACKEND_PORT, CLIENT_PORT);
-    // Cold: flows of the newest three quarters of the fill (the oldest are the first an
-    // LRU evicts while new-flow cases run).
-    let lo = fill / 4;
     let new_frames: Vec<Vec<u8>> = (0..(runs + 1) * calls)
         .map(|_| {
             *seq += 1;
@@ -174,25 +237,16 @@ fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u3
             frame(addr(0x0b00_0000 | *seq), VIP, CLIENT_PORT, VIP_PORT)
         })
         .collect();
-    let mut cases = Vec::new();
-    let mut add = |label: &str,
-                   prog: &'static str,
-                   frames: Vec<Vec<u8>>,
-                   fresh: bool,
-                   cold: Option<bool>| {
-        cases.push(Case {
-            label: label.into(),
-            prog,
-            frames,
-            fresh,
-            cold,
-            ns: vec![],
-            ok: 0,
-            total: 0,
-        })
-    };
-    add("noop", "noop", vec![est(hot_c)], false, None);
-    add("base (parse+key)", "base", vec![est(hot_c)], false, None);
+    let mut out = vec![
+        case("noop", "noop", vec![est_frame(hot_c)], false, None),
+        case(
+            "base (parse+key)",
+            "base",
+            vec![est_frame(hot_c)],
+            false,
+            None,
+        ),
+    ];
     for (l, p) in [
         ("new A: CT+RNAT LRU (today)", "new_a"),
         ("new A': A with BPF_F_NO_COMMON_LRU", "new_an"),
@@ -204,7 +258,7 @@ fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u3
         ("new G: 4-way set by client, no index", "new_g"),
         ("new H: 15-way tagged set by client", "new_h"),
     ] {
-        add(l, p, new_frames.clone(), true, None);
+        out.push(case(l, p, new_frames.clone(), true, None));
     }
     for (l, p, is_rep) in [
         ("est A/C/F: LRU lookup", "est_a", false),
@@ -221,28 +275,58 @@ fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u3
         ("est H: 15-way tagged set", "est_h", false),
         ("rep H: same set, reply match", "rep_h", true),
         ("cmpxchg of a tag word of H", "cas_h", false),
-        ("est G + last_seen refresh (ktime_get_ns)", "est_g_ktime", false),
-        ("est G + last_seen refresh (ktime_get_coarse_ns)", "est_g_coarse", false),
+        (
+            "est G + last_seen refresh (ktime_get_ns)",
+            "est_g_ktime",
+            false,
+        ),
+        (
+            "est G + last_seen refresh (ktime_get_coarse_ns)",
+            "est_g_coarse",
+            false,
+        ),
+        (
+            "est G + last_seen refresh (jiffies64)",
+            "est_g_jiffies",
+            false,
+        ),
     ] {
-        let mk = |c: u32| if is_rep { rep(c) } else { est(c) };
-        add(&format!("{l}, hot"), p, vec![mk(hot_c)], false, None);
-        add(&format!("{l}, cold"), p, vec![], false, Some(is_rep));
+        let hot = if is_rep {
+            rep_frame(hot_c)
+        } else {
+            est_frame(hot_c)
+        };
+        out.push(case(&format!("{l}, hot"), p, vec![hot], false, None));
+        out.push(case(&format!("{l}, cold"), p, vec![], false, Some(is_rep)));
     }
+    out
+}
+
+/// Runs every case `runs` times (plus a discarded warm-up), `calls` calls each, in an
+/// order rotated every run; returns the no-op's mean per kept run.
+fn measure(
+    ebpf: &Ebpf,
+    cases: &mut [Case],
+    fill: u32,
+    runs: usize,
+    calls: usize,
+) -> Result<Vec<f64>> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ fill as u64);
+    // Cold: flows of the newest three quarters of the fill (the oldest are the first an
+    // LRU evicts while new-flow cases run).
+    let lo = fill / 4;
     let n = cases.len();
     let mut noop_means = Vec::new();
     for r in 0..=runs {
         for k in 0..n {
-            // Rotate the order every run; the no-op is measured right before each case
-            // set so a noisy phase hits both.
-            let i = (k + r) % n;
-            let c = &mut cases[i];
-            let p = prog(&ebpf, c.prog)?;
+            let c = &mut cases[(k + r) % n];
+            let p = prog(ebpf, c.prog)?;
             let mut sum = 0.0;
             for j in 0..calls {
                 let drawn;
                 let f = if let Some(is_rep) = c.cold {
                     let n = FILL_BASE + lo + (rng.next() % (fill - lo) as u64) as u32;
-                    drawn = if is_rep { rep(n) } else { est(n) };
+                    drawn = if is_rep { rep_frame(n) } else { est_frame(n) };
                     &drawn
                 } else if c.fresh {
                     &c.frames[r * calls + j]
@@ -264,12 +348,16 @@ fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u3
             noop_means.push(*cases[0].ns.last().context("noop")?);
         }
     }
+    Ok(noop_means)
+}
+
+fn report(fill_pct: u32, fill: u32, cases: &[Case], noop_means: &[f64]) {
     println!("\n### fill {fill_pct}% of {FLOWS} ({fill} flows per layout before the runs)\n");
     println!("| case | ns median (p10-p90) | × no-op median (p10-p90) | ok |");
     println!("|---|---|---|---|");
-    for c in &cases {
+    for c in cases {
         let mut ns = c.ns.clone();
-        let mut ratio: Vec<f64> = c.ns.iter().zip(&noop_means).map(|(a, b)| a / b).collect();
+        let mut ratio: Vec<f64> = c.ns.iter().zip(noop_means).map(|(a, b)| a / b).collect();
         println!(
             "| {} | {:.0} ({:.0}-{:.0}) | ×{:.2} ({:.2}-{:.2}) | {:.1}% |",
             c.label,
@@ -282,6 +370,14 @@ fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u3
             100.0 * c.ok as f64 / c.total.max(1) as f64
         );
     }
+}
+
+fn one_fill(bytes: &[u8], fill_pct: u32, runs: usize, calls: usize, seq: &mut u32) -> Result<()> {
+    let mut ebpf = load(bytes)?;
+    let fill = fill_tables(&mut ebpf, fill_pct)?;
+    let mut cases = cases(fill, runs, calls, seq);
+    let noop_means = measure(&ebpf, &mut cases, fill, runs, calls)?;
+    report(fill_pct, fill, &cases, &noop_means);
     Ok(())
 }
 
