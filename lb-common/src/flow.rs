@@ -67,6 +67,10 @@ const _: () = assert!(core::mem::size_of::<NatEntry>() == 56);
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: `FlowKey` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: `NatEntry` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for NatEntry {}
 }

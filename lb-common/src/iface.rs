@@ -28,4 +28,6 @@ const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 8);
 
 // SAFETY: repr(C), Copy, no implicit padding, valid for any bit pattern.
 #[cfg(feature = "user")]
+// SAFETY: `IfaceInfo` is repr(C) and Copy, its padding is explicit (size asserted
+// above), and any bit pattern is a valid value.
 unsafe impl aya::Pod for IfaceInfo {}

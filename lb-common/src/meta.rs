@@ -51,6 +51,8 @@ impl NameMeta {
 // SAFETY: repr(C), Copy, no implicit padding, valid for any bit pattern (`as_str` checks
 // the UTF-8 and bounds `len`).
 #[cfg(feature = "user")]
+// SAFETY: `NameMeta` is repr(C) and Copy, its padding is explicit (size asserted
+// above), and any bit pattern is a valid value.
 unsafe impl aya::Pod for NameMeta {}
 
 #[cfg(test)]

@@ -51,6 +51,10 @@ const _: () = assert!(core::mem::size_of::<NeighEntry>() == 32);
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: `NeighKey` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for NeighKey {}
+    // SAFETY: `NeighEntry` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for NeighEntry {}
 }

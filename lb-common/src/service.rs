@@ -145,11 +145,25 @@ const _: () = assert!(core::mem::size_of::<SrcRangeData>() == 20);
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: `ServiceKey` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: `ServiceValue` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: `VipInfo` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for VipInfo {}
+    // SAFETY: `Backend` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for Backend {}
+    // SAFETY: `AffinityKey` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: `AffinityValue` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: `SrcRangeData` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for SrcRangeData {}
 }

@@ -44,6 +44,10 @@ const _: () = assert!(core::mem::size_of::<SockRnatValue>() == 24);
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: `SockRnatKey` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for SockRnatKey {}
+    // SAFETY: `SockRnatValue` is repr(C) and Copy, its padding is explicit (size asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for SockRnatValue {}
 }

@@ -98,6 +98,8 @@ const _: () = assert!(core::mem::size_of::<Counters>() == 48);
 
 // SAFETY: repr(C), Copy, no implicit padding, valid for any bit pattern.
 #[cfg(feature = "user")]
+// SAFETY: `Counters` is repr(C) and Copy, its padding is explicit (size asserted
+// above), and any bit pattern is a valid value.
 unsafe impl aya::Pod for Counters {}
 
 #[cfg(test)]

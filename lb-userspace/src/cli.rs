@@ -149,9 +149,7 @@ pub struct StatsView {
 }
 
 fn proto_name(p: u8) -> String {
-    Protocol::from_number(p)
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| p.to_string())
+    Protocol::from_number(p).map_or_else(|| p.to_string(), |p| p.to_string())
 }
 
 fn service_name(name: &Option<String>, svc_id: u32) -> String {

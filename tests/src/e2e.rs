@@ -365,14 +365,17 @@ impl Agent {
         .into_iter()
         .flatten()
         .collect();
-        log.0.lock().unwrap_or_else(|e| e.into_inner()).open_streams = streams.len();
+        log.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .open_streams = streams.len();
         for stream in streams {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
                     let (m, cv) = &*log;
-                    let mut l = m.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut l = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if line.starts_with(READY_LINE) {
                         l.ready = true;
                     }
@@ -381,7 +384,7 @@ impl Agent {
                     cv.notify_all();
                 }
                 let (m, cv) = &*log;
-                let mut l = m.lock().unwrap_or_else(|e| e.into_inner());
+                let mut l = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 l.open_streams = l.open_streams.saturating_sub(1);
                 cv.notify_all();
             });
@@ -398,14 +401,14 @@ impl Agent {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + AGENT_READY_TIMEOUT;
         let (m, cv) = &*self.log;
-        let mut l = m.lock().unwrap_or_else(|e| e.into_inner());
+        let mut l = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             if l.ready {
                 return Ok(());
             }
             if l.open_streams == 0 {
                 drop(l);
-                let status = self.child.as_mut().map(|c| c.wait());
+                let status = self.child.as_mut().map(std::process::Child::wait);
                 bail!(
                     "lb-agent exited before it was ready ({status:?}); its output:\n{}",
                     self.log_text()
@@ -421,8 +424,7 @@ impl Agent {
             }
             l = cv
                 .wait_timeout(l, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
         }
     }
 
@@ -430,7 +432,7 @@ impl Agent {
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.log;
-        let mut l = m.lock().unwrap_or_else(|e| e.into_inner());
+        let mut l = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             if let Some(line) = l.text.lines().find(|line| line.contains(needle)) {
                 return Ok(line.to_string());
@@ -445,8 +447,7 @@ impl Agent {
             }
             l = cv
                 .wait_timeout(l, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
         }
     }
 
@@ -455,7 +456,7 @@ impl Agent {
         self.log
             .0
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .text
             .clone()
     }

@@ -291,7 +291,7 @@ pub fn decode(frame: &[u8]) -> anyhow::Result<Decoded> {
             sport = u.source_port();
             dport = u.destination_port();
         }
-        Some(TransportSlice::Icmpv4(_)) | Some(TransportSlice::Icmpv6(_)) => {
+        Some(TransportSlice::Icmpv4(_) | TransportSlice::Icmpv6(_)) => {
             icmp = Some((l4[0], l4[1]));
         }
         None => {}

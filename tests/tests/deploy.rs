@@ -116,10 +116,10 @@ fn load() -> Result<Manifests> {
             match (api.as_str(), kind.as_str()) {
                 ("v1", "ServiceAccount") => m.service_accounts.push(typed(&doc, &what)?),
                 ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
-                    m.cluster_roles.push(typed(&doc, &what)?)
+                    m.cluster_roles.push(typed(&doc, &what)?);
                 }
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-                    m.bindings.push(typed(&doc, &what)?)
+                    m.bindings.push(typed(&doc, &what)?);
                 }
                 ("v1", "ConfigMap") => m.config_maps.push(typed(&doc, &what)?),
                 ("apps/v1", "DaemonSet") => m.daemon_sets.push(typed(&doc, &what)?),

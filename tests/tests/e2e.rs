@@ -429,17 +429,17 @@ fn service_without_endpoints_refuses_promptly() -> Result<()> {
         match res {
             Ok(()) => failures.push(format!("TCP {ns} -> {vip}:80 connected")),
             Err(e) if !e.contains("Connection refused") => {
-                failures.push(format!("TCP {ns} -> {vip}:80: {e}"))
+                failures.push(format!("TCP {ns} -> {vip}:80: {e}"));
             }
             Err(_) if took >= Duration::from_millis(500) => {
-                failures.push(format!("TCP {ns} -> {vip}:80: refused after {took:?}"))
+                failures.push(format!("TCP {ns} -> {vip}:80: refused after {took:?}"));
             }
             Err(_) => {}
         }
         match e2e::udp_request(ns, vip.into(), UDP_PORT, "anyone?") {
             Ok(a) => failures.push(format!("UDP {ns} -> {vip}:{UDP_PORT} answered {a:?}")),
             Err(e) if !format!("{e:#}").contains("Connection refused") => {
-                failures.push(format!("UDP {ns} -> {vip}:{UDP_PORT}: {e:#}"))
+                failures.push(format!("UDP {ns} -> {vip}:{UDP_PORT}: {e:#}"));
             }
             Err(_) => {}
         }
@@ -707,7 +707,7 @@ fn lbctl_reports_service_and_counters_grow() -> Result<()> {
                 .iter()
                 .any(
                     |f| f.get("address").and_then(|a| a.as_str()) == Some(&vip.to_string())
-                        && f.get("port").and_then(|p| p.as_u64()) == Some(80)
+                        && f.get("port").and_then(serde_json::Value::as_u64) == Some(80)
                         && f.get("protocol").and_then(|p| p.as_str()) == Some("TCP")
                 ),
             "frontend {vip}:80/TCP missing: {before}"

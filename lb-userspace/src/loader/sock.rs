@@ -112,7 +112,10 @@ pub fn find_cgroup2(explicit: Option<&Path>) -> Result<PathBuf, LoaderError> {
         return Ok(root.to_owned());
     }
     Err(LoaderError::NoCgroup2 {
-        looked: CGROUP2_CANDIDATES.iter().map(|s| s.to_string()).collect(),
+        looked: CGROUP2_CANDIDATES
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
     })
 }
 

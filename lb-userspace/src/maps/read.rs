@@ -101,7 +101,7 @@ impl LbMaps {
     /// Service ports sorted by name (unnamed ones last, by id).
     pub fn list_services(&self) -> Result<Vec<ServiceInfo>, MapError> {
         let mut by_id: std::collections::BTreeMap<u32, ServiceInfo> = Default::default();
-        for r in self.services.iter() {
+        for r in &self.services {
             let (k, v) = r.map_err(op_err("iterate", MAP_SERVICES, "*"))?;
             let e = by_id.entry(v.svc_id).or_insert_with(|| ServiceInfo {
                 svc_id: v.svc_id,
@@ -174,7 +174,7 @@ impl LbMaps {
     /// Tracked flows (CT), at most `limit`, in the map's iteration order.
     pub fn list_flows(&self, limit: usize) -> Result<Vec<FlowInfo>, MapError> {
         let mut out = Vec::new();
-        for r in self.ct.iter() {
+        for r in &self.ct {
             if out.len() >= limit {
                 break;
             }
@@ -251,7 +251,7 @@ impl LbMaps {
         limit: usize,
     ) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError> {
         let mut out = Vec::new();
-        for r in self.affinity.iter() {
+        for r in &self.affinity {
             if out.len() >= limit {
                 break;
             }

@@ -195,9 +195,21 @@ impl MapWriter for LbMaps {
         let backends: Vec<Backend> = items.iter().map(|(_, b, _)| *b).collect();
         // Every name before any backend, as `put_backend` orders one.
         let fd = self.be_meta.map().fd().as_fd().as_raw_fd();
-        if self.try_batch(fd, MAP_BE_META, &ids, &metas, |id| id.to_string())? {
+        if self.try_batch(
+            fd,
+            MAP_BE_META,
+            &ids,
+            &metas,
+            std::string::ToString::to_string,
+        )? {
             let fd = self.backends.map().fd().as_fd().as_raw_fd();
-            if self.try_batch(fd, MAP_BACKENDS, &ids, &backends, |id| id.to_string())? {
+            if self.try_batch(
+                fd,
+                MAP_BACKENDS,
+                &ids,
+                &backends,
+                std::string::ToString::to_string,
+            )? {
                 return Ok(());
             }
         }
@@ -236,7 +248,13 @@ impl MapWriter for LbMaps {
         let keys: Vec<u32> = items.iter().map(|(k, _)| *k).collect();
         let values: Vec<NameMeta> = items.iter().map(|(_, v)| *v).collect();
         let fd = self.svc_meta.map().fd().as_fd().as_raw_fd();
-        if !self.try_batch(fd, MAP_SVC_META, &keys, &values, |id| id.to_string())? {
+        if !self.try_batch(
+            fd,
+            MAP_SVC_META,
+            &keys,
+            &values,
+            std::string::ToString::to_string,
+        )? {
             for (k, v) in items {
                 self.put_svc_meta(*k, v)?;
             }

@@ -128,7 +128,7 @@ pub struct NoRuntime;
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // A handler that panicked while holding the lock left the state consistent (it only
     // reads); keep serving.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl HealthChecks {

@@ -87,8 +87,9 @@ pub fn read_maps(pin_dir: &Path) -> MapReadings {
                             // The map's own size: `--maglev-slots` may differ from
                             // the compile-time default.
                             capacity: aya::maps::MapInfo::from_pin(pin_dir.join(MAP_MAGLEV))
-                                .map(|i| u64::from(i.max_entries()))
-                                .unwrap_or(u64::from(lb_common::MAGLEV_SLOTS)),
+                                .map_or(u64::from(lb_common::MAGLEV_SLOTS), |i| {
+                                    u64::from(i.max_entries())
+                                }),
                         },
                     ));
                     out.services = svcs
@@ -274,7 +275,10 @@ impl MapCollector {
 impl Collector for MapCollector {
     fn encode(&self, enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let r = {
-            let _one = self.walking.lock().unwrap_or_else(|p| p.into_inner());
+            let _one = self
+                .walking
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             read_maps(&self.pin_dir)
         };
         for e in &r.errors {

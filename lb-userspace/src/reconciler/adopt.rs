@@ -76,7 +76,7 @@ fn tables_named_by(frontends: &BTreeMap<ServiceKey, ServiceValue>) -> (Tables, V
                     ids: BTreeSet::new(),
                     members: BTreeSet::new(),
                     dirty: false,
-                })
+                });
             }
         }
     }

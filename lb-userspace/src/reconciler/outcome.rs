@@ -89,7 +89,7 @@ pub enum ReconcileError {
 fn join(failures: &[ServiceFailure]) -> String {
     failures
         .iter()
-        .map(|failure| failure.to_string())
+        .map(std::string::ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ")
 }

@@ -41,7 +41,10 @@ fn decodes_a_list_item_by_item() {
     };
     assert_eq!(e.field, "spec.ports[0].port");
     assert_eq!(
-        e.object.as_ref().map(|o| o.to_string()).as_deref(),
+        e.object
+            .as_ref()
+            .map(std::string::ToString::to_string)
+            .as_deref(),
         Some("Service x/b")
     );
     assert!(
@@ -84,7 +87,10 @@ fn nodes_decode_without_namespace_and_feed_node_info() {
     };
     assert_eq!(e.field, "status.addresses[0].address");
     assert_eq!(
-        e.object.as_ref().map(|o| o.to_string()).as_deref(),
+        e.object
+            .as_ref()
+            .map(std::string::ToString::to_string)
+            .as_deref(),
         Some("Node n3")
     );
 
@@ -94,10 +100,18 @@ fn nodes_decode_without_namespace_and_feed_node_info() {
     };
     let info = store.node_info(&named);
     assert_eq!(info.name.as_deref(), Some("n1"));
-    let shown: Vec<String> = info.addresses.iter().map(|a| a.to_string()).collect();
+    let shown: Vec<String> = info
+        .addresses
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(shown, vec!["198.18.0.1", "198.18.0.9"]);
     let all = store.node_info(&NodeSettings::default());
-    let shown: Vec<String> = all.addresses.iter().map(|a| a.to_string()).collect();
+    let shown: Vec<String> = all
+        .addresses
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(shown, vec!["198.18.0.1", "2001:db8::2"]);
 
     // A NodePort service sees them; the node named in the settings decides.

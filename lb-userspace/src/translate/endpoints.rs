@@ -46,7 +46,7 @@ pub fn validate_slice(slice: &EndpointSlice) -> Result<(), TranslateError> {
         .labels
         .as_ref()
         .and_then(|l| l.get(SERVICE_NAME_LABEL));
-    if service.is_none_or(|s| s.is_empty()) {
+    if service.is_none_or(std::string::String::is_empty) {
         return Err(TranslateError::Missing {
             object,
             field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),

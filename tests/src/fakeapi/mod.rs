@@ -284,7 +284,7 @@ impl FakeApi {
             .shared
             .open_watches
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Waits until at least `n` watch streams are open (e.g. the agent's three watchers

@@ -38,7 +38,7 @@ impl WatchGuard {
         *shared
             .open_watches
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) += 1;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
         WatchGuard(Arc::clone(shared))
     }
 }
@@ -49,7 +49,7 @@ impl Drop for WatchGuard {
             .0
             .open_watches
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *n = n.saturating_sub(1);
     }
 }

@@ -190,7 +190,11 @@ async fn fakeapi_kube_runtime_watcher_resume_relist_outage() -> Result<()> {
         names: BTreeSet::new(),
         relists: 0,
     };
-    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    let set = |v: &[&str]| {
+        v.iter()
+            .map(std::string::ToString::to_string)
+            .collect::<BTreeSet<_>>()
+    };
 
     view.until(|n| n == &set(&["a", "b"])).await?;
     assert_eq!(view.relists, 1);

@@ -33,7 +33,7 @@ fn kube_services_and_scaling_under_traffic() -> Result<()> {
         backend_addrs(entry),
         ["198.18.1.1", "198.18.1.2"]
             .iter()
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .collect()
     );
     let fe = frontends(entry);

@@ -53,7 +53,9 @@ impl Fixture {
         {
             // Tests run in parallel: two that both found bpffs missing would stack two
             // mounts, and the second would hide the first one's pins.
-            let _one_at_a_time = MOUNTING_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+            let _one_at_a_time = MOUNTING_BPFFS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             lb_userspace::loader::ensure_bpffs(Path::new(BPFFS))
                 .with_context(|| format!("mounting bpffs at {BPFFS}"))?;
         }

@@ -350,7 +350,7 @@ fn a_full_ct_counts_fast_enough_for_a_scrape() {
     let fill = count_pinned(&fx.dir.0.join(lb_common::MAP_CT), Count::Keys).expect("count CT");
     let took = t.elapsed();
     let t = Instant::now();
-    let by_aya = fx.ct.keys().filter(|k| k.is_ok()).count() as u64;
+    let by_aya = fx.ct.keys().filter(std::result::Result::is_ok).count() as u64;
     eprintln!("aya's get_next_key walk took {:?}", t.elapsed());
     eprintln!(
         "counting a full CT ({} entries, aya's walk finds {by_aya}) took {took:?}",

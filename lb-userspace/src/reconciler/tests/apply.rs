@@ -15,7 +15,12 @@ fn creates_services() {
     assert_eq!(s.tables_written, 2);
     assert_eq!(s.backends_put, 3);
     // Names: the pod when known, else the address.
-    let names: BTreeSet<&str> = r.writer().be_meta.values().map(|m| m.as_str()).collect();
+    let names: BTreeSet<&str> = r
+        .writer()
+        .be_meta
+        .values()
+        .map(lb_common::NameMeta::as_str)
+        .collect();
     assert!(
         names.contains("default/web-0") && names.contains("198.18.1.3"),
         "{names:?}"

@@ -208,7 +208,7 @@ fn a_refused_port_keeps_its_draining_backends() {
     };
     let st = |ready: &[&str]| {
         shop(ready, ready, |s| {
-            s.draining = endpoints_on_8080(&["198.18.1.9"])
+            s.draining = endpoints_on_8080(&["198.18.1.9"]);
         })
     };
     let mut r = Reconciler::adopt_with_limits(FakeMaps::default(), limits).expect("adopt");

@@ -232,8 +232,10 @@ fn write_at(m: &FakeMaps, from: usize, prefix: &str) -> usize {
     m.writes[from..]
         .iter()
         .position(|w| w.starts_with(prefix))
-        .map(|i| i + from)
-        .unwrap_or_else(|| panic!("no {prefix} in {:?}", &m.writes[from..]))
+        .map_or_else(
+            || panic!("no {prefix} in {:?}", &m.writes[from..]),
+            |i| i + from,
+        )
 }
 
 fn apply_ok(r: &mut Reconciler<FakeMaps>, d: &DesiredState) -> ApplyStats {

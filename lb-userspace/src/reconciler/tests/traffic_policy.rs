@@ -73,7 +73,7 @@ fn local_frontends_use_the_node_local_table_and_drop_only_while_endpoints_exist(
         FrontendKind::LoadBalancer,
     );
     let d = shop_external_local(&["198.18.1.1", "2001:db8:1::1"], &["198.18.1.1"], |s| {
-        s.frontends.push(v6_lb)
+        s.frontends.push(v6_lb);
     });
     apply_ok(&mut r, &d);
     let m = r.writer();
@@ -152,7 +152,7 @@ fn draining_endpoints_keep_their_backend_out_of_every_table() {
     let draining = desired_ports(vec![(
         shop_id(),
         shop(&["198.18.1.1"], &["198.18.1.1"], |s| {
-            s.draining = endpoints_on_8080(&["198.18.1.2"])
+            s.draining = endpoints_on_8080(&["198.18.1.2"]);
         }),
     )]);
     let n = r.writer().writes.len();

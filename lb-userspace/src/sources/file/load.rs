@@ -33,7 +33,12 @@ impl FileSource {
         } = next;
 
         let translation = store.translate(&self.node);
-        warnings.extend(translation.conflicts.iter().map(|c| c.to_string()));
+        warnings.extend(
+            translation
+                .conflicts
+                .iter()
+                .map(std::string::ToString::to_string),
+        );
         let error_texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
         self.log_new_messages(&error_texts, &warnings);
         self.store = store;

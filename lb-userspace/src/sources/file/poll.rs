@@ -69,7 +69,7 @@ impl FileSource {
     /// logged and the last state stays in force.
     pub async fn run(self, tx: watch::Sender<Update>) -> Result<(), FileSourceError> {
         let path = self.path.clone();
-        let (mut this, first) = blocking(self, |s| s.load()).await?;
+        let (mut this, first) = blocking(self, super::FileSource::load).await?;
         let state = first.map_err(|source| FileSourceError::FirstLoad {
             path: path.clone(),
             source: Box::new(source),
@@ -85,7 +85,7 @@ impl FileSource {
                 _ = tx.closed() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            let (s, polled) = blocking(this, |s| s.poll()).await?;
+            let (s, polled) = blocking(this, super::FileSource::poll).await?;
             this = s;
             match polled {
                 Ok(None) => {}

@@ -207,7 +207,10 @@ impl Core {
         }
         match self.store_apply(obj) {
             Ok(warnings) => {
-                let warnings: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
+                let warnings: Vec<String> = warnings
+                    .iter()
+                    .map(std::string::ToString::to_string)
+                    .collect();
                 let before = self.object_warnings.get(&key).map(Vec::as_slice);
                 for w in &warnings {
                     if !before.is_some_and(|b| b.contains(w)) {
@@ -249,7 +252,7 @@ impl Core {
         let conflicts: BTreeSet<String> = translation
             .conflicts
             .iter()
-            .map(|c| c.to_string())
+            .map(std::string::ToString::to_string)
             .collect();
         for c in conflicts.difference(&self.conflicts) {
             tracing::warn!("{c}");

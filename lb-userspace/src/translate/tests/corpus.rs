@@ -99,7 +99,7 @@ fn rendered(t: &Translation, ignored: &[Ignored]) -> Value {
                         let ranges: Vec<String> = st
                             .source_ranges_for(f)
                             .iter()
-                            .map(|p| p.to_string())
+                            .map(std::string::ToString::to_string)
                             .collect();
                         text.push_str(&format!(" from {}", ranges.join(",")));
                     }
@@ -185,7 +185,12 @@ fn ignored_reasons(ignored: &[Ignored]) -> Vec<(String, &'static str)> {
 #[test]
 fn corpus_other_proxy_services_and_slices_and_headless_slices_are_not_programmed() {
     let (t, ignored) = check_case("other-proxy");
-    let names: Vec<String> = t.state.services.keys().map(|k| k.to_string()).collect();
+    let names: Vec<String> = t
+        .state
+        .services
+        .keys()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(names, vec!["mesh/api:http/TCP"]);
     assert_eq!(
         ignored_reasons(&ignored),
@@ -227,7 +232,12 @@ fn corpus_dual_stack_source_ranges_filter_only_their_own_family() {
 #[test]
 fn corpus_service_without_cluster_ip_is_skipped_and_the_next_one_programmed() {
     let (t, ignored) = check_case("no-cluster-ip");
-    let names: Vec<String> = t.state.services.keys().map(|k| k.to_string()).collect();
+    let names: Vec<String> = t
+        .state
+        .services
+        .keys()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(names, vec!["default/live:80-8080/TCP"]);
     assert_eq!(
         ignored_reasons(&ignored),

@@ -134,7 +134,10 @@ fn external_and_load_balancer_ips_of_a_family_the_service_lacks_are_ignored_with
         ]
     );
     // The warning names the service and the address.
-    let warnings: Vec<String> = service_warnings(&s).iter().map(|w| w.to_string()).collect();
+    let warnings: Vec<String> = service_warnings(&s)
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(warnings.len(), 2);
     assert_eq!(
         warnings[1],
@@ -142,7 +145,9 @@ fn external_and_load_balancer_ips_of_a_family_the_service_lacks_are_ignored_with
          Service has no IPv6 family (spec.ipFamilies), so no frontend is made for it, as \
          kube-proxy"
     );
-    assert!(service_warnings(&s).iter().all(|w| w.is_warning()));
+    assert!(service_warnings(&s)
+        .iter()
+        .all(super::super::error::TranslateError::is_warning));
 
     // Without ipFamilies, the clusterIPs' families count (here IPv4 only).
     let no_families = mixed.replace("ipFamilies: [IPv4]\n  ", "");

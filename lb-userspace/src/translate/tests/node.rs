@@ -125,14 +125,22 @@ status:
     };
     let got = NodeInfo::resolve(&settings(Some("n1")), [&n1, &n2].into_iter());
     assert_eq!(got.name.as_deref(), Some("n1"));
-    let shown: Vec<String> = got.addresses.iter().map(|a| a.to_string()).collect();
+    let shown: Vec<String> = got
+        .addresses
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(shown, vec!["198.18.0.1", "198.18.0.9", "2001:db8::1"]);
     // No name: every node's addresses.
     let got = NodeInfo::resolve(&settings(None), [&n1, &n2].into_iter());
     assert_eq!(got.addresses.len(), 4);
     // Named but no Node object (yet): only the extra ones.
     let got = NodeInfo::resolve(&settings(Some("n3")), [&n1, &n2].into_iter());
-    let shown: Vec<String> = got.addresses.iter().map(|a| a.to_string()).collect();
+    let shown: Vec<String> = got
+        .addresses
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(shown, vec!["198.18.0.1", "198.18.0.9"]);
 
     let bad = n(r#"

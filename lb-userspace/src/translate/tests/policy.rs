@@ -105,7 +105,10 @@ fn load_balancer_source_ranges_from_the_field_or_the_annotation() {
         validate_service(&s).expect("valid");
         let t = translate_with_conflicts([&s].into_iter(), [].iter(), &NodeInfo::default());
         let st = t.state.services.into_values().next().expect("one port");
-        st.source_ranges.iter().map(|p| p.to_string()).collect()
+        st.source_ranges
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect()
     };
     assert!(ranges(LB).is_empty());
     let field = LB.replace(
@@ -199,7 +202,10 @@ status:
     let state = run(&[svc(dual)], &[]);
     let st = &state.services[&id("edge", "dual", "https", Protocol::Tcp)];
     let shown = |ranges: Vec<crate::model::Prefix>| -> Vec<String> {
-        ranges.iter().map(|p| p.to_string()).collect()
+        ranges
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect()
     };
     let lb4 = fe(
         "198.18.200.70",

@@ -28,7 +28,7 @@ impl Frame {
     fn new(log_xs: &[f64], series: &[(String, Vec<f64>)]) -> Self {
         let y_max = series
             .iter()
-            .flat_map(|(_, v)| v.iter().cloned())
+            .flat_map(|(_, v)| v.iter().copied())
             .filter(|y| y.is_finite())
             .fold(0.0, f64::max)
             .max(1e-9)
@@ -40,7 +40,7 @@ impl Frame {
             right: 230.0,
             top: 20.0,
             bottom: 40.0,
-            x_max: log_xs.iter().cloned().fold(1.0, f64::max),
+            x_max: log_xs.iter().copied().fold(1.0, f64::max),
             y_max,
         }
     }

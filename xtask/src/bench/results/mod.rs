@@ -60,8 +60,7 @@ impl Env {
             .lines()
             .find_map(|l| l.strip_prefix("model name"))
             .and_then(|l| l.split_once(':'))
-            .map(|(_, m)| m.trim().to_string())
-            .unwrap_or_else(|| "unknown".into());
+            .map_or_else(|| "unknown".into(), |(_, m)| m.trim().to_string());
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .context("reading the kernel release")?
             .trim()
@@ -69,7 +68,7 @@ impl Env {
         let git = |args: &[&str]| output(Command::new("git").current_dir(root).args(args));
         Ok(Self {
             timestamp: output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))?,
-            nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            nproc: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             cpu_model,
             kernel,
             commit: git(&["rev-parse", "HEAD"])?,

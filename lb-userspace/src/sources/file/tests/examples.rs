@@ -145,7 +145,11 @@ fn edge_local_example_loads_as_documented() {
     assert!(st.external_local && !st.internal_local);
     assert_eq!(st.health_check_node_port, Some(32443));
     assert_eq!(st.affinity_timeout_s, Some(600));
-    let ranges: Vec<String> = st.source_ranges.iter().map(|p| p.to_string()).collect();
+    let ranges: Vec<String> = st
+        .source_ranges
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     assert_eq!(ranges, vec!["198.18.64.0/18"]);
     assert_eq!(
         addrs(&st.endpoints),
