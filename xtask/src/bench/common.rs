@@ -396,8 +396,7 @@ pub fn baseline_versions() -> (String, String) {
         std::process::Command::new(cmd)
             .arg(arg)
             .output()
-            .ok()
-            .map(|o| {
+            .ok().map_or_else(|| format!("{cmd}: not found"), |o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
                     .next()
@@ -405,7 +404,6 @@ pub fn baseline_versions() -> (String, String) {
                     .trim()
                     .to_string()
             })
-            .unwrap_or_else(|| format!("{cmd}: not found"))
     };
     (first_line("iptables", "-V"), first_line("nft", "-v"))
 }

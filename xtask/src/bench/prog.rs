@@ -265,7 +265,7 @@ fn call(prog: &Xdp, frame: &[u8], out: Option<&mut Vec<u8>>) -> Result<(u32, u64
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(frame),
-            data_out: buf.as_deref_mut().map(|b| b.as_mut_slice()),
+            data_out: buf.as_deref_mut().map(std::vec::Vec::as_mut_slice),
             ctx_in: Some(&ctx),
             repeat: 1,
             ..Default::default()

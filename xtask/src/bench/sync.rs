@@ -492,14 +492,12 @@ fn map_memory(pin_dir: &Path) -> Result<Vec<MapMem>> {
             serde_json::from_slice(&o.stdout).context("parsing bpftool's JSON")?;
         let bytes = v
             .get("bytes_memlock")
-            .and_then(|b| b.as_u64())
+            .and_then(serde_json::Value::as_u64)
             .ok_or_else(|| anyhow!("bpftool gave no bytes_memlock for {name}"))?;
         out.push(MapMem {
             name: name.to_string(),
             map_type: info
-                .map_type()
-                .map(|t| format!("{t:?}"))
-                .unwrap_or_else(|e| format!("unknown ({e})")),
+                .map_type().map_or_else(|e| format!("unknown ({e})"), |t| format!("{t:?}")),
             key_size: info.key_size(),
             value_size: info.value_size(),
             max_entries: info.max_entries(),
