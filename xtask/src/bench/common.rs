@@ -396,14 +396,18 @@ pub fn baseline_versions() -> (String, String) {
         std::process::Command::new(cmd)
             .arg(arg)
             .output()
-            .ok().map_or_else(|| format!("{cmd}: not found"), |o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_string()
-            })
+            .ok()
+            .map_or_else(
+                || format!("{cmd}: not found"),
+                |o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_string()
+                },
+            )
     };
     (first_line("iptables", "-V"), first_line("nft", "-v"))
 }

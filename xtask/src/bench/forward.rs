@@ -360,7 +360,7 @@ fn generate(bench: &Bench, s: &Setup, seconds: f64) -> Result<(u64, Duration)> {
                 attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
                 ..Default::default()
             })
-            .context("BPF_PROG_TEST_RUN (live frames) of the generator")?;
+            .map_err(live_frames_error)?;
         ensure!(
             r.return_value == 0,
             "the generator's test run returned {}",
@@ -556,4 +556,40 @@ fn path_results(setups: &[Setup], samples: &Samples) -> Result<Vec<PathResult>> 
         });
     }
     Ok(paths)
+}
+
+/// The kernel refused BPF_PROG_TEST_RUN's live-frames mode with EPERM. Sandboxed kernels
+/// may do so (live frames put packets on real interfaces); there is no other generator
+/// here that measures the load balancer rather than itself, so `bench forward` cannot run
+/// on such a machine and says so instead of reporting figures it did not measure.
+#[derive(Debug)]
+pub struct LiveFramesRefused;
+
+impl std::fmt::Display for LiveFramesRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "this kernel refuses BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (EPERM), \
+             which the traffic generator needs",
+        )
+    }
+}
+
+impl std::error::Error for LiveFramesRefused {}
+
+/// Whether `e` (one link of an error chain) is [`LiveFramesRefused`].
+pub fn is_live_frames_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.is::<LiveFramesRefused>()
+}
+
+/// A failed live-frames run: [`LiveFramesRefused`] when the kernel said EPERM, else the
+/// error itself.
+fn live_frames_error(e: aya::programs::ProgramError) -> anyhow::Error {
+    let refused = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|io| io.raw_os_error() == Some(libc::EPERM));
+    if refused {
+        anyhow::Error::new(LiveFramesRefused)
+    } else {
+        anyhow::Error::new(e).context("BPF_PROG_TEST_RUN (live frames) of the generator")
+    }
 }

@@ -497,7 +497,8 @@ fn map_memory(pin_dir: &Path) -> Result<Vec<MapMem>> {
         out.push(MapMem {
             name: name.to_string(),
             map_type: info
-                .map_type().map_or_else(|e| format!("unknown ({e})"), |t| format!("{t:?}")),
+                .map_type()
+                .map_or_else(|e| format!("unknown ({e})"), |t| format!("{t:?}")),
             key_size: info.key_size(),
             value_size: info.value_size(),
             max_entries: info.max_entries(),
