@@ -111,8 +111,9 @@ fn run_suites(root: &Path, suite: Suite, quick: bool) -> Result<()> {
     if selected(Suite::Forward) {
         match run_suite(root, &env, Suite::Forward, quick, forward::run) {
             Err(e) if e.chain().any(forward::is_live_frames_refused) => {
-                eprintln!("bench forward: NOT MEASURED: {e:#}");
-                refused = Some(format!("{e:#}"));
+                let reason = e.root_cause().to_string();
+                eprintln!("bench forward: NOT MEASURED: {reason}");
+                refused = Some(reason);
             }
             other => other?,
         }
