@@ -252,7 +252,9 @@ impl ServiceSpec {
 
 /// The multi-document YAML of `services`.
 pub fn render_services(services: &[ServiceSpec]) -> Result<String> {
-    let mut out = String::new();
+    // Never zero bytes, even for no services: the agent takes an empty file as one
+    // caught mid-write and keeps what it had.
+    let mut out = String::from("# services of an xdplb test or demo\n");
     for s in services {
         s.render(&mut out)
             .with_context(|| format!("rendering service {}", s.name))?;
@@ -514,6 +516,31 @@ pub fn lbctl(pin_dir: &Path, args: &[&str]) -> Result<String> {
     let bin = bin_dir()?.join("lbctl");
     let out = netns::run(Command::new(bin).arg("--pin-dir").arg(pin_dir).args(args))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `lbctl <args>` writing into a pipe whose reader is already gone (as `lbctl flows |
+/// head` ends): its exit status and what it wrote to stderr.
+pub fn lbctl_into_closed_pipe(
+    pin_dir: &Path,
+    args: &[&str],
+) -> Result<(std::process::ExitStatus, String)> {
+    let bin = bin_dir()?.join("lbctl");
+    let mut child = Command::new(bin)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting lbctl")?;
+    // Closing our end before lbctl writes makes its first write fail with EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().context("waiting for lbctl")?;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// `lbctl <what> -o json`, parsed.

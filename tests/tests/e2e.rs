@@ -285,6 +285,16 @@ fn tcp_to_lb_ip_reaches_every_pod() -> Result<()> {
         6,
     )?;
     assert_eq!(seen.values().sum::<usize>(), 6);
+    // Piped into a reader that stops early (`lbctl flows | head`), lbctl exits quietly.
+    for what in ["services", "backends", "flows", "stats"] {
+        for output in ["table", "json"] {
+            let (status, stderr) = e2e::lbctl_into_closed_pipe(lab.pin(), &[what, "-o", output])?;
+            assert!(
+                status.success() && stderr.is_empty(),
+                "lbctl {what} -o {output} into a closed pipe: {status}, stderr {stderr:?}"
+            );
+        }
+    }
     lab.stop()
 }
 

@@ -1,6 +1,7 @@
 //! lbctl: shows what xdplb's maps hold. Reads the maps pinned by lb-agent, so it works
 //! while the agent runs (and after it stopped, as long as the pins exist).
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -52,11 +53,20 @@ fn print<T: serde::Serialize>(
     v: &T,
     table: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<()> {
-    match out {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
-        Output::Table => print!("{}", table(v)),
+    let text = match out {
+        Output::Json => serde_json::to_string_pretty(v)? + "\n",
+        Output::Table => table(v),
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        // `lbctl flows | head`: the reader has all it wanted and went away. Not an error
+        // (and `print!` would panic on it).
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to standard output"),
     }
-    Ok(())
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

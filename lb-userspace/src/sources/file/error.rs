@@ -43,6 +43,15 @@ pub enum FileSourceError {
 /// larger sources are boxed to keep the type small.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// A file of zero bytes is taken as being written (editors and config tools truncate
+    /// before they write), so every object it held is kept. A file meant to hold no
+    /// objects says so with content: a comment, or a `kind: List` without items.
+    #[error(
+        "{}: empty (zero bytes), taken as being written; keeping the objects read from it before \
+         (write a comment into it to remove them)",
+        path.display()
+    )]
+    Empty { path: PathBuf },
     /// The file cannot be read: every object it held is kept.
     #[error("{}: cannot read: {source}; keeping the objects read from it before", path.display())]
     Unreadable {

@@ -93,7 +93,16 @@ impl<'a> Loading<'a> {
                 path: file.to_owned(),
                 source,
             })
-            .and_then(|text| parse_documents(file, &text));
+            .and_then(|text| {
+                if text.is_empty() {
+                    return Err(ManifestError::Empty {
+                        path: file.to_owned(),
+                    });
+                }
+                // Some Windows editors start UTF-8 files with a byte order mark, which
+                // neither YAML nor JSON parsers take as white space.
+                parse_documents(file, text.strip_prefix('\u{feff}').unwrap_or(&text))
+            });
         let docs = match docs {
             Ok(docs) => docs,
             Err(e) => {

@@ -69,8 +69,9 @@ fn node_object_edits_move_the_node_ports_and_a_bad_edit_keeps_the_last_version()
         vec!["198.18.0.1:30080", "198.18.0.2:30080", "198.18.100.9:80"]
     );
 
-    // The Node object removed: no NodePort frontends any more.
-    write(&nodes, "");
+    // The Node object removed (the file says so: a zero-byte file would be taken as being
+    // written): no NodePort frontends any more.
+    write(&nodes, "# no Node here any more\n");
     let state = src.load().expect("load");
     assert!(src.errors().is_empty(), "{:?}", src.errors());
     assert_eq!(vips(&state, &np), vec!["198.18.100.9:80"]);
@@ -257,4 +258,62 @@ fn missing_path_is_an_error() {
     let mut src = FileSource::new(dir.path().join("nope"));
     let err = src.load().expect_err("missing path");
     assert!(format!("{err:#}").contains("nope"), "{err:#}");
+}
+
+#[test]
+fn a_zero_byte_file_is_taken_as_being_written_and_keeps_its_services() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("svc.yaml");
+    write(
+        &file,
+        &manifest("web", "198.18.100.1", "80", &["198.18.1.1"]),
+    );
+    let web = id("t", "web", "http", Protocol::Tcp);
+    let mut src = FileSource::new(dir.path());
+    let state = src.load().expect("load");
+    assert!(state.services.contains_key(&web));
+
+    // Truncated mid-save: the service stays, and the file is reported.
+    write(&file, "");
+    let state = src.load().expect("load");
+    assert_eq!(backends(&state, &web), vec!["198.18.1.1:8080"]);
+    assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
+    let msg = src.errors()[0].to_string();
+    assert!(msg.contains("svc.yaml: empty (zero bytes)"), "{msg}");
+
+    // Saved: the new content applies.
+    write(
+        &file,
+        &manifest("web", "198.18.100.1", "80", &["198.18.1.2"]),
+    );
+    let state = src.load().expect("load");
+    assert!(src.errors().is_empty(), "{:?}", src.errors());
+    assert_eq!(backends(&state, &web), vec!["198.18.1.2:8080"]);
+
+    // A file that says it holds nothing does remove the service.
+    write(&file, "# nothing here\n");
+    let state = src.load().expect("load");
+    assert!(src.errors().is_empty(), "{:?}", src.errors());
+    assert!(!state.services.contains_key(&web));
+}
+
+#[test]
+fn a_byte_order_mark_at_the_start_of_a_file_is_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = manifest("web", "198.18.100.1", "80", &["198.18.1.1"]);
+    write(&dir.path().join("svc.yaml"), &format!("\u{feff}{text}"));
+    let json = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": "t"},
+        "spec": {"clusterIP": "198.18.100.2", "ports": [{"name": "http", "port": 80}]}}"#;
+    write(&dir.path().join("api.json"), &format!("\u{feff}{json}"));
+    let mut src = FileSource::new(dir.path());
+    let state = src.load().expect("load");
+    assert!(src.errors().is_empty(), "{:?}", src.errors());
+    assert_eq!(
+        backends(&state, &id("t", "web", "http", Protocol::Tcp)),
+        vec!["198.18.1.1:8080"]
+    );
+    assert_eq!(
+        vips(&state, &id("t", "api", "http", Protocol::Tcp)),
+        vec!["198.18.100.2:80"]
+    );
 }

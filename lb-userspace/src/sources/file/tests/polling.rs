@@ -113,8 +113,9 @@ async fn run_applies_edits_live() {
     assert_eq!(vips(&now, &a), vec!["198.18.100.7:80"]);
     assert_eq!(backends(&now, &a), vec!["198.18.1.3:8080"]);
 
-    // Removing the document removes the service.
-    write(&file, "");
+    // Removing the document removes the service (a file left with a comment; a zero-byte
+    // one would be taken as being written).
+    write(&file, "# removed\n");
     wait_for(&mut rx, Duration::from_secs(1), |s| {
         !s.services.contains_key(&a)
     })
