@@ -130,11 +130,13 @@ impl<'a> Loading<'a> {
                     value: Decoded::Ignored { api_version, kind },
                     location,
                 }) => {
-                    tracing::debug!(
-                        file = %file.display(),
-                        "{}: ignoring {api_version}/{kind}",
-                        item_location(file, document, &location)
-                    );
+                    let at = item_location(file, document, &location);
+                    if let Some(instead) = unused_endpoints_kind(&api_version, &kind) {
+                        self.warnings
+                            .push(format!("{at}: {api_version} {kind} is not used: {instead}"));
+                    } else {
+                        tracing::debug!(file = %file.display(), "{at}: ignoring {api_version}/{kind}");
+                    }
                 }
                 Ok(Located {
                     value: Decoded::Object(obj),
@@ -224,5 +226,22 @@ impl<'a> Loading<'a> {
         for key in keys {
             self.carry(&key, file);
         }
+    }
+}
+
+/// Endpoint objects in a form xdplb does not read. Other kinds are ignored quietly (a
+/// services file may hold Deployments and the like), but these look like the endpoints of
+/// a service and would leave it without any: said (once, as a warning), with what to write.
+fn unused_endpoints_kind(api_version: &str, kind: &str) -> Option<&'static str> {
+    match (api_version, kind) {
+        ("v1", "Endpoints") => Some(
+            "endpoints are read from discovery.k8s.io/v1 EndpointSlices, as kube-proxy reads \
+             them (`kubectl get endpointslices -A -o yaml` prints them)",
+        ),
+        (version, "EndpointSlice") if version != "discovery.k8s.io/v1" => Some(
+            "only discovery.k8s.io/v1 EndpointSlices are read (v1beta1 was removed in \
+             Kubernetes 1.25): write `apiVersion: discovery.k8s.io/v1`",
+        ),
+        _ => None,
     }
 }

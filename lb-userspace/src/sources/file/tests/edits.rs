@@ -317,3 +317,37 @@ fn a_byte_order_mark_at_the_start_of_a_file_is_accepted() {
         vec!["198.18.100.2:80"]
     );
 }
+
+#[test]
+fn endpoints_of_an_unread_kind_are_named_in_a_warning_and_other_kinds_pass_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{}---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: web, namespace: t}}\n\
+         ---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\n\
+         metadata: {{name: web-b, namespace: t}}\n\
+         ---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: t}}\n",
+        manifest("web", "198.18.100.1", "80", &["198.18.1.1"])
+    );
+    write(&dir.path().join("svc.yaml"), &text);
+    let mut src = FileSource::new(dir.path());
+    let state = src.load().expect("load");
+    assert!(src.errors().is_empty(), "{:?}", src.errors());
+    assert_eq!(
+        backends(&state, &id("t", "web", "http", Protocol::Tcp)),
+        vec!["198.18.1.1:8080"]
+    );
+    let warnings = src.warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].contains("document 3")
+            && warnings[0].contains("v1 Endpoints is not used")
+            && warnings[0].contains("discovery.k8s.io/v1 EndpointSlices"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("document 4")
+            && warnings[1].contains("discovery.k8s.io/v1beta1 EndpointSlice is not used")
+            && warnings[1].contains("apiVersion: discovery.k8s.io/v1"),
+        "{warnings:?}"
+    );
+}
