@@ -56,14 +56,7 @@ fn node_object_edits_move_the_node_ports_and_a_bad_edit_keeps_the_last_version()
     // An invalid address: reported with the field, the previous version stays.
     write(&nodes, &NODE.replace("198.18.0.1", "198.18.0.256"));
     let state = src.load().expect("load");
-    assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
-    assert!(
-        src.errors()[0]
-            .to_string()
-            .contains("Node n1: status.addresses[0].address"),
-        "{:?}",
-        src.errors()
-    );
+    assert_only_error(&src, "Node n1: status.addresses[0].address");
     assert_eq!(
         vips(&state, &np),
         vec!["198.18.0.1:30080", "198.18.0.2:30080", "198.18.100.9:80"]
@@ -131,14 +124,7 @@ fn invalid_new_object_is_reported_and_not_added() {
     let mut src = FileSource::new(&file);
     let state = src.load().expect("load");
     assert!(state.services.is_empty());
-    assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
-    assert!(
-        src.errors()[0]
-            .to_string()
-            .contains("Service t/a: spec.clusterIP: \"198.18.100.300\""),
-        "{:?}",
-        src.errors()
-    );
+    assert_only_error(&src, "Service t/a: spec.clusterIP: \"198.18.100.300\"");
 }
 
 #[test]
@@ -195,14 +181,7 @@ fn unparsable_file_keeps_everything_it_held() {
         vips(&after, &id("t", "c", "http", Protocol::Tcp)),
         vec!["198.18.100.6:80"]
     );
-    assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
-    assert!(
-        src.errors()[0]
-            .to_string()
-            .contains("svc.yaml: invalid YAML"),
-        "{:?}",
-        src.errors()
-    );
+    assert_only_error(&src, "svc.yaml: invalid YAML");
 }
 
 #[test]
@@ -277,9 +256,7 @@ fn a_zero_byte_file_is_taken_as_being_written_and_keeps_its_services() {
     write(&file, "");
     let state = src.load().expect("load");
     assert_eq!(backends(&state, &web), vec!["198.18.1.1:8080"]);
-    assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
-    let msg = src.errors()[0].to_string();
-    assert!(msg.contains("svc.yaml: empty (zero bytes)"), "{msg}");
+    assert_only_error(&src, "svc.yaml: empty (zero bytes)");
 
     // Saved: the new content applies.
     write(

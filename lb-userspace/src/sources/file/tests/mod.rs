@@ -57,3 +57,10 @@ fn addrs(eps: &[Endpoint]) -> Vec<String> {
         .map(|e| format!("{}:{}", e.addr, e.port))
         .collect()
 }
+
+/// The last load reported exactly one problem, and its message contains `text`.
+fn assert_only_error(src: &FileSource, text: &str) {
+    let errors = src.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].to_string().contains(text), "{errors:?}");
+}
